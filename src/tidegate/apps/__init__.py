@@ -1,0 +1,1 @@
+"""Built-in applications that run on the engine."""

@@ -1,0 +1,157 @@
+"""Reading /proc: process memory (RSS, PSS), CPU time, open fds, kernel slab and TCP figures.
+
+Every reader returns ``None`` (or an empty result) when the figure cannot be read, for example
+when the process has exited: the report then says ``null`` rather than guessing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _kib_field(text: str, name: str) -> int | None:
+    """The value of a ``Name:   1234 kB`` line, in bytes."""
+    prefix = name + ":"
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            parts = line[len(prefix) :].split()
+            if not parts:
+                return None
+            try:
+                value = int(parts[0])
+            except ValueError:
+                return None
+            unit = parts[1].lower() if len(parts) > 1 else ""
+            return value * 1024 if unit == "kb" else value
+    return None
+
+
+def status_bytes(pid: int, field: str) -> int | None:
+    """A memory field of /proc/<pid>/status (``VmRSS``, ``VmHWM``, ``RssAnon``...) in bytes."""
+    text = _read_text(f"/proc/{pid}/status")
+    return None if text is None else _kib_field(text, field)
+
+
+def rss_bytes(pid: int) -> int | None:
+    return status_bytes(pid, "VmRSS")
+
+
+def pss_bytes(pid: int) -> int | None:
+    """Proportional set size from /proc/<pid>/smaps_rollup (shared pages split among sharers)."""
+    text = _read_text(f"/proc/{pid}/smaps_rollup")
+    return None if text is None else _kib_field(text, "Pss")
+
+
+def cpu_ticks(pid: int, *, children: bool = False) -> int | None:
+    """utime+stime of ``pid`` in clock ticks; with ``children``, plus its waited-for children's."""
+    text = _read_text(f"/proc/{pid}/stat")
+    if text is None:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    rest = text[text.rfind(")") + 2 :].split()
+    try:
+        # rest[0] is field 3 (state): utime is field 14, stime 15, cutime 16, cstime 17.
+        ticks = int(rest[11]) + int(rest[12])
+        if children:
+            ticks += int(rest[13]) + int(rest[14])
+    except (IndexError, ValueError):
+        return None
+    return ticks
+
+
+def cpu_seconds(pid: int, *, children: bool = False) -> float | None:
+    ticks = cpu_ticks(pid, children=children)
+    return None if ticks is None else ticks / CLOCK_TICKS
+
+
+def open_fds(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    text = _read_text(f"/proc/{pid}/stat")
+    if text is None:
+        return False
+    state = text[text.rfind(")") + 2 : text.rfind(")") + 3]
+    return state not in ("Z", "X", "")
+
+
+def sum_known(values: Iterable[int | None]) -> int | None:
+    """The sum of the values, or ``None`` if any of them is unknown (or there are none)."""
+    total = 0
+    seen = False
+    for value in values:
+        if value is None:
+            return None
+        total += value
+        seen = True
+    return total if seen else None
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (``Slab``, ``SUnreclaim``, ``MemAvailable``...)."""
+    text = _read_text("/proc/meminfo") or ""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        parts = value.split()
+        if parts:
+            try:
+                number = int(parts[0])
+            except ValueError:
+                continue
+            out[name] = number * 1024 if len(parts) > 1 and parts[1].lower() == "kb" else number
+    return out
+
+
+def slab_bytes() -> int | None:
+    return meminfo().get("Slab")
+
+
+def tcp_sockstat() -> dict[str, int]:
+    """The ``TCP:`` line of /proc/net/sockstat: inuse, orphan, tw, alloc and mem (pages)."""
+    text = _read_text("/proc/net/sockstat") or ""
+    for line in text.splitlines():
+        if line.startswith("TCP:"):
+            parts = line.split()[1:]
+            out: dict[str, int] = {}
+            for name, value in zip(parts[::2], parts[1::2], strict=False):
+                try:
+                    out[name] = int(value)
+                except ValueError:
+                    pass
+            return out
+    return {}
+
+
+def page_size() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4096
+
+
+def ip_local_port_range() -> tuple[int, int]:
+    text = _read_text("/proc/sys/net/ipv4/ip_local_port_range")
+    if text:
+        parts = text.split()
+        if len(parts) == 2:
+            try:
+                return int(parts[0]), int(parts[1])
+            except ValueError:
+                pass
+    return 32768, 60999

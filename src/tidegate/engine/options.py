@@ -1,0 +1,55 @@
+"""Engine options: every limit is named with its unit and has a safe default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Worker processes; 0 = sized from `connections_target`, the fd limit and the cores.
+    workers: int = 0
+    connections_target: int = 10_000
+    # "reuseport": every worker listens with SO_REUSEPORT and the kernel spreads accepts.
+    # "handoff": the supervisor accepts and passes each socket (SCM_RIGHTS) to the least-loaded
+    # worker; even spread, one extra hop per accept.
+    balance: str = "reuseport"
+    loop: str = "uvloop"  # or "asyncio"
+    backlog: int = 4096
+    reserve_fds: int = 256
+
+    # Timing wheel resolution and liveness (L1 keepalive in the kernel, L2 heartbeat here).
+    tick_s: float = 0.5
+    ping_interval_s: float = 25.0
+    pong_timeout_s: float = 10.0
+    handshake_timeout_s: float = 10.0
+    tcp_keepalive_idle_s: int = 60
+    tcp_keepalive_interval_s: int = 10
+    tcp_keepalive_count: int = 6
+    tcp_user_timeout_ms: int = 120_000
+
+    # One read buffer per worker; a connection keeps only an incomplete frame's bytes.
+    read_buffer_bytes: int = 262_144
+    max_frame_bytes: int = 65_536
+    # A client that stops reading is closed once this much output is queued for it.
+    max_write_buffer_bytes: int = 1_048_576
+
+    # Cyclic GC: young-generation threshold (objects); start-up objects are frozen.
+    gc_gen0_threshold: int = 50_000
+    # How long workers get to close their connections on SIGTERM before SIGKILL.
+    shutdown_grace_s: float = 10.0
+    # Where the supervisor writes its JSON status (pids, port, ready); "" = nowhere.
+    status_file: str = ""
+
+    def validate(self) -> None:
+        if self.balance not in ("reuseport", "handoff"):
+            raise ValueError(f"balance must be reuseport or handoff, not {self.balance!r}")
+        if self.loop not in ("uvloop", "asyncio"):
+            raise ValueError(f"loop must be uvloop or asyncio, not {self.loop!r}")
+        if self.tick_s <= 0:
+            raise ValueError("tick_s must be > 0")
+        if self.read_buffer_bytes < 2 * self.max_frame_bytes + 4096:
+            # A partial frame is copied to the front of the shared buffer before the next read.
+            self.read_buffer_bytes = 2 * self.max_frame_bytes + 4096

@@ -1,0 +1,340 @@
+"""The supervisor: sizes, forks, watches and restarts worker processes; stops them on signal.
+
+A prefork arbiter without an event loop of its own (a selector, a signal wake-up pipe and
+``waitpid``), so forking never copies a running loop into a child. In ``handoff`` mode it also
+accepts connections and passes each socket to the least-loaded worker over SCM_RIGHTS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tidegate import log
+from tidegate.engine import control
+from tidegate.engine.handler import EventHandler
+from tidegate.engine.limits import (
+    REUSEPORT_HEADROOM,
+    per_worker_capacity,
+    raise_nofile,
+    workers_for,
+)
+from tidegate.engine.netopt import listening_socket
+from tidegate.engine.options import EngineOptions
+
+_log = log.get("supervisor")
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    pid: int = 0
+    ctrl: socket.socket | None = None
+    ready: bool = False
+    started: float = 0.0
+    quick_deaths: int = 0
+    restart_at: float = 0.0
+    handoff_sent: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> int:
+        """Connections it holds plus sockets handed to it that it has not reported yet."""
+        in_flight = self.handoff_sent - int(self.stats.get("handoff_received", 0))
+        return int(self.stats.get("active", 0)) + max(0, in_flight)
+
+
+def plan_workers(opts: EngineOptions) -> int:
+    if opts.workers > 0:
+        return opts.workers
+    limits = raise_nofile()
+    headroom = REUSEPORT_HEADROOM if opts.balance == "reuseport" else 1.0
+    capacity = per_worker_capacity(limits.soft, opts.reserve_fds, headroom)
+    return workers_for(opts.connections_target, capacity)
+
+
+class Supervisor:
+    def __init__(self, opts: EngineOptions, handler_factory: Callable[[], EventHandler]) -> None:
+        opts.validate()
+        self.opts = opts
+        self.handler_factory = handler_factory
+        self.slots: list[WorkerSlot] = []
+        self.port = opts.port
+        self.stopping = False
+        self.restarts = 0
+        self.refused_handoff = 0
+        self._sel = selectors.DefaultSelector()
+        self._listen: socket.socket | None = None
+        self._wake_r = self._wake_w = -1
+        self._status_written = ""
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def run(self) -> int:
+        limits = raise_nofile()
+        n = plan_workers(self.opts)
+        handoff = self.opts.balance == "handoff"
+        # reuseport: a bound, non-listening socket reserves the port (and resolves port 0);
+        # handoff: the one listening socket, accepted here.
+        self._listen = listening_socket(self.opts, self.opts.port, reuseport=not handoff, listen=handoff)
+        self.port = self._listen.getsockname()[1]
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop_signal)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the selector
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        if handoff:
+            self._sel.register(self._listen, selectors.EVENT_READ, "accept")
+        _log.info(
+            "starting",
+            extra={
+                "workers": n,
+                "port": self.port,
+                "balance": self.opts.balance,
+                "loop": self.opts.loop,
+                "nofile": limits.soft,
+                "connections_target": self.opts.connections_target,
+            },
+        )
+        self.slots = [WorkerSlot(i) for i in range(n)]
+        for slot in self.slots:
+            self._spawn(slot)
+        try:
+            while not self.stopping:
+                self._poll(0.5)
+                self._reap()
+                self._respawn_due()
+                self._write_status()
+            self._shutdown()
+        finally:
+            self._cleanup()
+        return 0
+
+    def _on_stop_signal(self, signum: int, _frame: Any) -> None:
+        if not self.stopping:
+            _log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        self.stopping = True
+
+    def _spawn(self, slot: WorkerSlot) -> None:
+        parent_end, child_end = control.pair()
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                parent_end.close()
+                self._in_child()
+                from tidegate.engine.worker import run_worker
+
+                listen_port = None if self.opts.balance == "handoff" else self.port
+                code = run_worker(self.opts, self.handler_factory(), slot.index, child_end, listen_port)
+            except BaseException:
+                _log.exception("worker crashed", extra={"worker": slot.index})
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        child_end.close()
+        parent_end.setblocking(False)
+        slot.pid, slot.ctrl, slot.ready = pid, parent_end, False
+        slot.started, slot.handoff_sent, slot.stats = time.monotonic(), 0, {}
+        self._sel.register(parent_end, selectors.EVENT_READ, slot)
+        _log.info("worker started", extra={"worker": slot.index, "worker_pid": pid})
+
+    def _in_child(self) -> None:
+        """Drop everything that belongs to the supervisor before the worker's loop starts."""
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self._listen is not None:
+            self._listen.close()
+        for other in self.slots:
+            if other.ctrl is not None:
+                other.ctrl.close()
+
+    # ---- the select loop ---------------------------------------------------------------
+    def _poll(self, timeout: float) -> None:
+        for key, _ in self._sel.select(timeout):
+            tag = key.data
+            if tag == "wake":
+                try:
+                    while os.read(self._wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            elif tag == "accept":
+                self._accept_batch()
+            else:
+                self._on_ctrl(tag)
+
+    def _on_ctrl(self, slot: WorkerSlot) -> None:
+        assert slot.ctrl is not None
+        while True:
+            try:
+                msg = control.recv(slot.ctrl)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg = None
+            if msg is None:
+                self._sel.unregister(slot.ctrl)
+                slot.ctrl.close()
+                slot.ctrl = None
+                return
+            kind, body, fds = msg
+            for fd in fds:
+                os.close(fd)
+            if kind == control.READY:
+                slot.ready = True
+                _log.info("worker ready", extra={"worker": slot.index, "worker_pid": slot.pid})
+            elif kind == control.STATS and body is not None:
+                slot.stats = body
+
+    def _accept_batch(self) -> None:
+        assert self._listen is not None
+        batches: dict[int, list[socket.socket]] = {}
+        ready = [s for s in self.slots if s.ready and s.ctrl is not None]
+        for _ in range(256):
+            try:
+                conn, _addr = self._listen.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # EMFILE and friends: the backlog keeps the rest
+                _log.warning("accept failed", extra={"error": str(exc)})
+                break
+            if not ready:
+                conn.close()
+                self.refused_handoff += 1
+                continue
+            target = min(ready, key=WorkerSlot.load)
+            target.handoff_sent += 1
+            batches.setdefault(target.index, []).append(conn)
+        for index, socks in batches.items():
+            slot = self.slots[index]
+            for i in range(0, len(socks), control.MAX_FDS_PER_MESSAGE):
+                chunk = socks[i : i + control.MAX_FDS_PER_MESSAGE]
+                try:
+                    assert slot.ctrl is not None
+                    control.send_fds(slot.ctrl, [s.fileno() for s in chunk])
+                except (OSError, AssertionError):
+                    self.refused_handoff += len(chunk)
+                    slot.handoff_sent -= len(chunk)
+                for s in chunk:
+                    s.close()
+
+    # ---- children -------------------------------------------------------------------
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next((s for s in self.slots if s.pid == pid), None)
+            if slot is None:
+                continue
+            why = _describe_exit(status)
+            slot.pid, slot.ready = 0, False
+            if slot.ctrl is not None:
+                self._sel.unregister(slot.ctrl)
+                slot.ctrl.close()
+                slot.ctrl = None
+            if self.stopping:
+                _log.info("worker exited", extra={"worker": slot.index, "worker_pid": pid, "why": why})
+                continue
+            lived = time.monotonic() - slot.started
+            slot.quick_deaths = slot.quick_deaths + 1 if lived < 5 else 0
+            delay = min(10.0, 0.1 * (2 ** slot.quick_deaths)) if slot.quick_deaths else 0.0
+            slot.restart_at = time.monotonic() + delay
+            self.restarts += 1
+            _log.warning(
+                "worker died; restarting",
+                extra={"worker": slot.index, "worker_pid": pid, "why": why, "restart_in_s": delay},
+            )
+
+    def _respawn_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.pid == 0 and not self.stopping and now >= slot.restart_at:
+                self._spawn(slot)
+
+    def _shutdown(self) -> None:
+        if self._listen is not None and self.opts.balance == "handoff":
+            self._sel.unregister(self._listen)
+        for slot in self.slots:
+            if slot.pid:
+                _kill(slot.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.opts.shutdown_grace_s + 2
+        while any(s.pid for s in self.slots) and time.monotonic() < deadline:
+            self._poll(0.1)
+            self._reap()
+        for slot in self.slots:
+            if slot.pid:
+                _log.warning("worker did not stop in time; killing", extra={"worker_pid": slot.pid})
+                _kill(slot.pid, signal.SIGKILL)
+        while any(s.pid for s in self.slots):
+            self._reap()
+            time.sleep(0.01)
+        _log.info("stopped", extra={"restarts": self.restarts})
+
+    def _cleanup(self) -> None:
+        signal.set_wakeup_fd(-1)
+        if self._listen is not None:
+            self._listen.close()
+        if self.opts.status_file:
+            try:
+                os.unlink(self.opts.status_file)
+            except FileNotFoundError:
+                pass
+
+    # ---- status file -------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "host": self.opts.host,
+            "port": self.port,
+            "balance": self.opts.balance,
+            "ready": bool(self.slots) and all(s.ready for s in self.slots),
+            "workers": [s.pid for s in self.slots if s.pid],
+            "worker_stats": [s.stats for s in self.slots],
+            "restarts": self.restarts,
+            "refused_handoff": self.refused_handoff,
+        }
+
+    def _write_status(self) -> None:
+        path = self.opts.status_file
+        if not path:
+            return
+        text = json.dumps(self.status())
+        if text == self._status_written:
+            return
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+        self._status_written = text
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.WEXITSTATUS(status)}"

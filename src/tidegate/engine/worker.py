@@ -1,0 +1,289 @@
+"""One worker process: one event loop, one read buffer, one timing wheel, many connections."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from tidegate import log
+from tidegate.engine import control, gc_control
+from tidegate.engine.conn import CLOSING, PING_OUT, READY, Conn
+from tidegate.engine.handler import EventHandler
+from tidegate.engine.limits import raise_nofile
+from tidegate.engine.loop import new_event_loop
+from tidegate.engine.netopt import listening_socket
+from tidegate.engine.options import EngineOptions
+from tidegate.engine.wheel import TimingWheel
+from tidegate.protocol.codec import Codec, FrameError
+from tidegate.protocol.length_prefixed import LengthPrefixedCodec
+
+_log = log.get("worker")
+STATS_INTERVAL_S = 1.0
+
+
+class Worker:
+    """Owns the loop's listening socket (or the handoff channel) and every connection on it."""
+
+    def __init__(
+        self,
+        opts: EngineOptions,
+        handler: EventHandler,
+        index: int = 0,
+        ctrl: socket.socket | None = None,
+    ) -> None:
+        self.opts = opts
+        self.handler = handler
+        self.index = index
+        self.ctrl = ctrl
+        self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
+        # A per-worker Conn subclass: engine state reached via a class attribute, 0 bytes/conn.
+        self.conn_class: type[Conn] = type("Conn", (Conn,), {"__slots__": (), "_w": self})
+        self.read_buf = bytearray(opts.read_buffer_bytes)
+        self.read_view = memoryview(self.read_buf)
+        self.in_base = 0
+        self.in_pos = 0
+        self.in_end = 0
+        self.max_pending_bytes = opts.read_buffer_bytes - 4096
+        self.max_write_buffer_bytes = opts.max_write_buffer_bytes
+        self.codec: Codec = getattr(handler, "codec", None) or LengthPrefixedCodec(opts.max_frame_bytes)
+        horizon = max(opts.ping_interval_s + opts.pong_timeout_s, opts.handshake_timeout_s)
+        self.wheel = TimingWheel(opts.tick_s, horizon, self._check)
+        self._ping_ticks = self.wheel.ticks(opts.ping_interval_s)
+        self._pong_ticks = self.wheel.ticks(opts.pong_timeout_s)
+        self._handshake_ticks = self.wheel.ticks(opts.handshake_timeout_s)
+        self.capacity = raise_nofile().soft - opts.reserve_fds
+        self.active = 0
+        self.accepted_total = 0
+        self.refused_total = 0
+        self.handoff_received = 0
+        self.pings_sent = 0
+        self.closes: collections.Counter[str] = collections.Counter()
+        self.close_reasons: dict[Conn, str] = {}
+        self._write_waiters: dict[Conn, asyncio.Future[None]] = {}
+        self._refused: set[Conn] = set()
+        self.gc_stats: gc_control.GcStats | None = None
+        self.stopping = False
+        self._stopped = asyncio.Event()
+        self._server: asyncio.AbstractServer | None = None
+        self._t0 = 0.0
+        self._last_stats = 0.0
+
+    # ---- connection lifecycle (called by Conn) --------------------------------------
+    def conn_opened(self, c: Conn) -> None:
+        if self.active >= self.capacity or self.stopping:
+            # Past the fd budget: refuse cleanly so the worker never hits EMFILE.
+            self.refused_total += 1
+            self._refused.add(c)
+            c._flags |= CLOSING
+            c._transport.abort()
+            return
+        self.active += 1
+        self.accepted_total += 1
+        c._last_rx = self.wheel.now
+        self.wheel.schedule(c, self.wheel.now + self._handshake_ticks)
+        first = self.handler.on_open(c)
+        if first:
+            c.write(first)
+
+    def conn_lost(self, c: Conn, exc: Exception | None) -> None:
+        if c in self._refused:
+            self._refused.discard(c)
+            return
+        self.wheel.cancel(c)
+        self.active -= 1
+        reason = self.close_reasons.pop(c, None)
+        if reason is None:
+            reason = "client_closed" if exc is None else "client_error"
+        self.closes[reason] += 1
+        waiter = self._write_waiters.pop(c, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError(reason))
+        try:
+            self.handler.on_close(c, reason)
+        except Exception:
+            _log.exception("on_close failed")
+
+    def protocol_error(self, c: Conn, exc: FrameError) -> None:
+        _log.debug("protocol error", extra={"reason": exc.reason, "detail": exc.detail})
+        c.abort(exc.reason)
+
+    def handler_error(self, c: Conn) -> None:
+        _log.exception("handler raised; closing the connection")
+        c.abort("handler_error")
+
+    def writable(self, c: Conn) -> None:
+        waiter = self._write_waiters.pop(c, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait_writable(self, c: Conn) -> None:
+        fut = self._write_waiters.get(c)
+        if fut is None:
+            fut = self._write_waiters[c] = self.loop.create_future()
+        await fut
+
+    # ---- liveness: the timing wheel's check ------------------------------------------
+    def _check(self, c: Conn, now: int) -> int | None:
+        """Decide a due connection's fate; return its next due tick or None (closed)."""
+        flags = c._flags
+        if flags & CLOSING:
+            return None
+        if not flags & READY:
+            c.abort("handshake_timeout")
+            return None
+        if flags & PING_OUT:
+            if c._last_rx < c._ping_tick:
+                c.abort("ping_timeout")
+                return None
+            c._flags = flags & ~PING_OUT
+        due = c._last_rx + self._ping_ticks
+        if due > now:
+            return due
+        # Silent for a whole interval: ping it. Clients that ping us are never pinged back.
+        frame = self.handler.ping_frame(c)
+        if frame is None:
+            return now + self._ping_ticks
+        c._flags |= PING_OUT
+        c._ping_tick = now
+        c.write(frame)
+        self.pings_sent += 1
+        return now + self._pong_ticks
+
+    def connections(self) -> list[Conn]:
+        """Every open connection (each sits in exactly one wheel slot)."""
+        out: list[Conn] = []
+        for slot in self.wheel._slots:
+            out.extend(slot)
+        return out
+
+    # ---- ticking, stats -------------------------------------------------------------
+    def _tick(self) -> None:
+        now = self.loop.time()
+        self.wheel.advance(int((now - self._t0) / self.opts.tick_s))
+        try:
+            self.handler.on_tick(self)
+        except Exception:
+            _log.exception("on_tick failed")
+        if now - self._last_stats >= STATS_INTERVAL_S:
+            self._last_stats = now
+            self._send_stats()
+        if not self.stopping:
+            nxt = self._t0 + (self.wheel.now + 1) * self.opts.tick_s
+            self.loop.call_at(nxt, self._tick)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "index": self.index,
+            "pid": os.getpid(),
+            "active": self.active,
+            "accepted": self.accepted_total,
+            "refused": self.refused_total,
+            "handoff_received": self.handoff_received,
+            "pings_sent": self.pings_sent,
+            "closes": dict(self.closes),
+        }
+        if self.gc_stats is not None:
+            out["gc_collections"] = self.gc_stats.collections
+            out["gc_pause_s_max"] = round(self.gc_stats.pause_s_max, 6)
+        return out
+
+    def _send_stats(self) -> None:
+        if self.ctrl is None:
+            return
+        try:
+            control.send_json(self.ctrl, control.STATS, self.stats())
+        except OSError:
+            pass
+
+    # ---- the handoff channel ---------------------------------------------------------
+    def _on_ctrl(self) -> None:
+        assert self.ctrl is not None
+        while True:
+            try:
+                msg = control.recv(self.ctrl)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg = None
+            if msg is None:  # the supervisor is gone: do not outlive it
+                self.loop.remove_reader(self.ctrl.fileno())
+                self.stop()
+                return
+            kind, _body, fds = msg
+            for fd in fds:
+                self.handoff_received += 1
+                sock = socket.socket(fileno=fd)
+                self.loop.create_task(self._adopt(sock))
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.conn_class, sock)
+        except OSError:
+            sock.close()
+
+    # ---- run / stop ----------------------------------------------------------------
+    async def serve(self, listen_port: int | None) -> None:
+        """Listen (reuseport) or take handed-off sockets, then run until stopped."""
+        self.loop = asyncio.get_running_loop()
+        self._t0 = self.loop.time()
+        if listen_port is not None:
+            sock = listening_socket(self.opts, listen_port, reuseport=True)
+            self._server = await self.loop.create_server(
+                self.conn_class, sock=sock, backlog=self.opts.backlog
+            )
+        if self.ctrl is not None:
+            self.ctrl.setblocking(False)
+            self.loop.add_reader(self.ctrl.fileno(), self._on_ctrl)
+        self.handler.on_boot(self)
+        self.gc_stats = gc_control.configure(self.opts.gc_gen0_threshold)
+        if self.ctrl is not None:
+            control.send_json(self.ctrl, control.READY, {"pid": os.getpid(), "index": self.index})
+        self.loop.call_at(self._t0 + self.opts.tick_s, self._tick)
+        await self._stopped.wait()
+        await self._shutdown()
+
+    def stop(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self._stopped.set()
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        try:
+            self.handler.on_shutdown(self)
+        except Exception:
+            _log.exception("on_shutdown failed")
+        for c in self.connections():
+            c.close("shutdown")
+        deadline = time.monotonic() + self.opts.shutdown_grace_s
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for c in self.connections():
+            c.abort("shutdown")
+        await asyncio.sleep(0)
+
+
+def run_worker(
+    opts: EngineOptions,
+    handler: EventHandler,
+    index: int,
+    ctrl: socket.socket | None,
+    listen_port: int | None,
+) -> int:
+    """Entry point of a worker process (after fork)."""
+    loop = new_event_loop(opts.loop)
+    asyncio.set_event_loop(loop)
+    worker = Worker(opts, handler, index, ctrl)
+    loop.add_signal_handler(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
+    try:
+        loop.run_until_complete(worker.serve(listen_port))
+    finally:
+        loop.close()
+    return 0
