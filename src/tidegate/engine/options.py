@@ -19,6 +19,8 @@ class EngineOptions:
     loop: str = "uvloop"  # or "asyncio"
     backlog: int = 4096
     reserve_fds: int = 256
+    # Ceiling per worker; 0 = what the fd limit allows (RLIMIT_NOFILE - reserve_fds).
+    max_connections_per_worker: int = 0
 
     # Timing wheel resolution and liveness (L1 keepalive in the kernel, L2 heartbeat here).
     tick_s: float = 0.5

@@ -57,6 +57,8 @@ class Worker:
         self._pong_ticks = self.wheel.ticks(opts.pong_timeout_s)
         self._handshake_ticks = self.wheel.ticks(opts.handshake_timeout_s)
         self.capacity = raise_nofile().soft - opts.reserve_fds
+        if opts.max_connections_per_worker > 0:
+            self.capacity = min(self.capacity, opts.max_connections_per_worker)
         self.active = 0
         self.accepted_total = 0
         self.refused_total = 0

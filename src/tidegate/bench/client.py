@@ -1,0 +1,642 @@
+"""The bench's client worker process: one event loop holding thousands of connections.
+
+The runner starts ``python -m tidegate.bench.client CONFIG_JSON`` once per client process. Each
+process binds its own source addresses (127.0.0.2, 127.0.0.3, ...) so that the ~28k ephemeral
+ports per (source, destination) pair never run out, and keeps its connections lean:
+
+* one ``asyncio.Protocol`` with ``__slots__`` per connection, no task and no timer per connection;
+* heartbeats come from one periodic callback (:class:`PingWheel`), a timing wheel whose buckets
+  each hold an equal share of the connections: each tick pings one bucket, so every connection
+  pings once per interval and the pings are spread evenly over it;
+* connects are done by at most ``max_inflight`` coroutines at a time.
+
+The runner talks to the process over pipes. Commands arrive on stdin, one word a line:
+``go`` (start connecting), ``halt`` (stop connecting), ``close`` (end the hold: close everything,
+report, exit). End of stdin means the runner is gone: close and exit. The process writes JSON
+lines on stdout: ``ready``, then ``progress`` every ``progress_interval_s``, ``connected`` when
+its connects are done, and ``final`` with its counters and histograms.
+
+Protocols plug in through :class:`ClientDriver` (``PROTOCOLS``): a driver turns a connected socket
+into a :class:`ClientConnection` (handshake included); the wheel and the runner only ever call
+``ping``/``close`` and read the shared :class:`Stats`. ``raw`` speaks
+:mod:`tidegate.protocol.heartbeat` frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import gc
+import json
+import os
+import resource
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from tidegate.bench.guard import die_with_parent
+from tidegate.bench.histogram import Histogram
+from tidegate.protocol.heartbeat import DATA, PING, PONG
+
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+LINGER_ZERO = struct.pack("ii", 1, 0)
+MAX_FRAME_BYTES = 1 << 20
+
+# Connection states.
+OPEN = 0
+CLOSING = 1  # closed by us: whatever follows is expected
+CLOSED = 2
+
+
+@dataclass
+class ClientConfig:
+    index: int
+    host: str
+    port: int
+    sources: list[str]
+    connections: int
+    parent_pid: int = 0
+    protocol: str = "raw"
+    max_inflight: int = 500
+    ping_interval_s: float = 25.0
+    pong_timeout_s: float = 10.0
+    connect_timeout_s: float = 15.0
+    close_mode: str = "rst"  # "rst": SO_LINGER 0 (no TIME_WAIT); "fin": orderly shutdown
+    close_timeout_s: float = 30.0
+    progress_interval_s: float = 0.25
+    lifetime_s: float = 3600.0
+    loop: str = "uvloop"
+    tick_s: float = 0.05
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stats:
+    """The counters every connection of this process adds to (one instance per process)."""
+
+    __slots__ = (
+        "attempted",
+        "established",
+        "failed",
+        "open",
+        "unexpected_closes",
+        "unexpected_close_reasons",
+        "errors",
+        "pings_sent",
+        "pongs",
+        "missed",
+        "late_pongs",
+        "outstanding",
+        "server_pings",
+        "data_frames",
+        "protocol_errors",
+        "rtt_us",
+        "connect_us",
+        "first_established_ns",
+        "last_established_ns",
+    )
+
+    def __init__(self) -> None:
+        self.attempted = 0
+        self.established = 0
+        self.failed = 0
+        self.open = 0
+        self.unexpected_closes = 0
+        self.unexpected_close_reasons: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.pings_sent = 0
+        self.pongs = 0
+        self.missed = 0
+        self.late_pongs = 0
+        self.outstanding = 0
+        self.server_pings = 0
+        self.data_frames = 0
+        self.protocol_errors = 0
+        self.rtt_us = Histogram()
+        self.connect_us = Histogram()
+        self.first_established_ns = 0
+        self.last_established_ns = 0
+
+    def error(self, reason: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def unexpected_close(self, reason: str) -> None:
+        self.unexpected_closes += 1
+        reasons = self.unexpected_close_reasons
+        reasons[reason] = reasons.get(reason, 0) + 1
+
+    def progress(self) -> dict[str, int]:
+        return {
+            "attempted": self.attempted,
+            "established": self.established,
+            "failed": self.failed,
+            "open": self.open,
+            "unexpected_closes": self.unexpected_closes,
+            "pings_sent": self.pings_sent,
+            "pongs": self.pongs,
+            "missed": self.missed,
+            "outstanding": self.outstanding,
+            "server_pings": self.server_pings,
+        }
+
+
+def error_reason(exc: BaseException) -> str:
+    """A short label for a failed connect: ``timeout``, ``ECONNREFUSED``, ``EADDRNOTAVAIL``..."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno.errorcode.get(exc.errno, f"errno_{exc.errno}")
+    return type(exc).__name__
+
+
+class ClientConnection:
+    """What the wheel and the process need from a connection, whatever its protocol.
+
+    Implementations are ``asyncio.Protocol`` subclasses with ``__slots__`` holding at least
+    ``ping_sent`` (the token of the unanswered ping, 0 when none) and ``state``.
+    """
+
+    __slots__ = ()
+    ping_sent: int
+    state: int
+
+    def ping(self, token_ns: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class ClientDriver:
+    """A protocol's client side: how a connected socket becomes an established connection."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, stats: Stats, config: ClientConfig) -> None:
+        self.stats = stats
+        self.config = config
+
+    async def open(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> ClientConnection:
+        """Take over the connected ``sock``; return once the connection is usable (handshakes
+        included). Raise to count a failed connect; the caller closes ``sock``."""
+        raise NotImplementedError
+
+
+class RawConnection(asyncio.Protocol, ClientConnection):
+    """A connection speaking length-prefixed heartbeat frames (:mod:`tidegate.protocol.heartbeat`)."""
+
+    __slots__ = ("transport", "rbuf", "ping_sent", "state")
+    stats: ClassVar[Stats]
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.rbuf = b""
+        self.ping_sent = 0
+        self.state = OPEN
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.stats.open += 1
+
+    def data_received(self, data: bytes) -> None:
+        if self.rbuf:
+            data = self.rbuf + data
+            self.rbuf = b""
+        stats = self.stats
+        pos = 0
+        end_all = len(data)
+        while end_all - pos >= 5:
+            size = int.from_bytes(data[pos : pos + 4], "big")
+            if size == 0 or size > MAX_FRAME_BYTES:
+                stats.protocol_errors += 1
+                stats.error("protocol_bad_frame_length")
+                self.close()
+                return
+            end = pos + 4 + size
+            if end > end_all:
+                break
+            kind = data[pos + 4]
+            if kind == PONG:
+                token = int.from_bytes(data[pos + 5 : end], "big")
+                if token and token == self.ping_sent:
+                    stats.rtt_us.record((time.monotonic_ns() - token) // 1000)
+                    stats.pongs += 1
+                    stats.outstanding -= 1
+                    self.ping_sent = 0
+                else:
+                    stats.late_pongs += 1
+            elif kind == PING:
+                body = data[pos + 5 : end]
+                transport = self.transport
+                if transport is not None and self.state == OPEN:
+                    transport.write((1 + len(body)).to_bytes(4, "big") + b"\x02" + body)
+                stats.server_pings += 1
+            elif kind == DATA:
+                stats.data_frames += 1
+            else:
+                stats.protocol_errors += 1
+                stats.error("protocol_unknown_frame_type")
+            pos = end
+        if pos < end_all:
+            self.rbuf = data[pos:]
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too; connection_lost tells whether it was expected
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        stats = self.stats
+        stats.open -= 1
+        if self.state == OPEN:
+            stats.unexpected_close("eof" if exc is None else error_reason(exc))
+        if self.ping_sent:
+            # The connection went before answering: that ping will never be answered.
+            stats.missed += 1
+            stats.outstanding -= 1
+            self.ping_sent = 0
+        self.state = CLOSED
+        self.transport = None
+        self.rbuf = b""
+
+    def ping(self, token_ns: int) -> None:
+        transport = self.transport
+        if transport is None or self.state != OPEN:
+            return
+        transport.write(b"\x00\x00\x00\x09\x01" + token_ns.to_bytes(8, "big"))
+        self.ping_sent = token_ns
+
+    def close(self) -> None:
+        if self.state == OPEN:
+            self.state = CLOSING
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+
+
+class RawDriver(ClientDriver):
+    name = "raw"
+
+    def __init__(self, stats: Stats, config: ClientConfig) -> None:
+        super().__init__(stats, config)
+        RawConnection.stats = stats
+
+    async def open(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> ClientConnection:
+        _, conn = await loop.create_connection(RawConnection, sock=sock)
+        return conn
+
+
+PROTOCOLS: dict[str, type[ClientDriver]] = {"raw": RawDriver}
+
+
+class PingWheel:
+    """One periodic callback that pings every connection once per ``interval``, spread evenly.
+
+    Connections are dealt round-robin into ``interval / tick`` buckets; each tick pings the
+    connections of one bucket. A connection still waiting for the PONG of its previous ping when
+    its turn comes again, or ``pong_timeout`` after the ping (checked by a second pointer that
+    trails the first), counts as a missed heartbeat.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        stats: Stats,
+        interval_s: float,
+        pong_timeout_s: float,
+        tick_s: float = 0.05,
+    ) -> None:
+        self.loop = loop
+        self.stats = stats
+        interval_ns = max(1, int(interval_s * 1e9))
+        self.nbuckets = max(1, round(interval_s / tick_s))
+        self.tick_ns = max(1, interval_ns // self.nbuckets)
+        self.pong_timeout_ns = int(pong_timeout_s * 1e9)
+        # Ticks after a bucket's pings at which their pong timeout is checked.
+        lag = -(-self.pong_timeout_ns // self.tick_ns) + 1
+        self.lag = lag if lag < self.nbuckets else 0  # 0: the next ping's check is earlier
+        self.buckets: list[list[ClientConnection]] = [[] for _ in range(self.nbuckets)]
+        self.dealt = 0
+        self.t0 = 0
+        self.done = 0
+        self.handle: asyncio.Handle | None = None
+
+    def add(self, conn: ClientConnection) -> None:
+        self.buckets[self.dealt % self.nbuckets].append(conn)
+        self.dealt += 1
+
+    def connections(self) -> list[ClientConnection]:
+        return [conn for bucket in self.buckets for conn in bucket]
+
+    def start(self) -> None:
+        self.t0 = time.monotonic_ns()
+        self.done = 0
+        self.handle = self.loop.call_soon(self._tick)
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _tick(self) -> None:
+        now = time.monotonic_ns()
+        due = (now - self.t0) // self.tick_ns
+        nb = self.nbuckets
+        while self.done <= due:
+            slot = self.done % nb
+            self._ping_bucket(slot, now)
+            if self.lag:
+                self._expire_bucket((slot - self.lag) % nb, now)
+            self.done += 1
+        delay = (self.t0 + self.done * self.tick_ns - time.monotonic_ns()) / 1e9
+        self.handle = self.loop.call_later(max(0.0, delay), self._tick)
+
+    def _ping_bucket(self, slot: int, now: int) -> None:
+        stats = self.stats
+        bucket = self.buckets[slot]
+        gone = 0
+        for conn in bucket:
+            if conn.state != OPEN:
+                gone += 1
+                continue
+            if conn.ping_sent:
+                stats.missed += 1  # no PONG before its next ping
+                stats.outstanding -= 1
+                conn.ping_sent = 0
+            conn.ping(now)
+            stats.pings_sent += 1
+            stats.outstanding += 1
+        if gone:
+            self.buckets[slot] = [conn for conn in bucket if conn.state == OPEN]
+
+    def _expire_bucket(self, slot: int, now: int) -> None:
+        stats = self.stats
+        limit = self.pong_timeout_ns
+        for conn in self.buckets[slot]:
+            sent = conn.ping_sent
+            if sent and now - sent > limit:
+                stats.missed += 1
+                stats.outstanding -= 1
+                conn.ping_sent = 0
+
+    def expire_all(self) -> int:
+        """Count every still-unanswered ping as missed (the end of the hold); return how many."""
+        stats = self.stats
+        n = 0
+        for bucket in self.buckets:
+            for conn in bucket:
+                if conn.ping_sent:
+                    conn.ping_sent = 0
+                    n += 1
+        stats.missed += n
+        stats.outstanding -= n
+        return n
+
+
+class Control:
+    """The runner's commands, read from stdin without blocking the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.go = asyncio.Event()
+        self.halt = asyncio.Event()
+        self.close = asyncio.Event()
+        self.eof = False
+        self.reason = ""
+        self._buf = b""
+        self._fd = sys.stdin.fileno()
+        os.set_blocking(self._fd, False)
+        loop.add_reader(self._fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            chunk = os.read(self._fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.loop.remove_reader(self._fd)
+            self.eof = True
+            self.stop("runner_gone")
+            return
+        self._buf += chunk
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            command = line.strip().decode("ascii", "replace")
+            if command == "go":
+                self.go.set()
+            elif command == "halt":
+                self.halt.set()
+            elif command == "close":
+                self.stop("close")
+
+    def stop(self, reason: str) -> None:
+        if not self.reason:
+            self.reason = reason
+        self.go.set()
+        self.halt.set()
+        self.close.set()
+
+
+def emit(kind: str, **fields: Any) -> None:
+    line = json.dumps({"type": kind, **fields}, separators=(",", ":")) + "\n"
+    out = sys.stdout.buffer
+    out.write(line.encode())
+    out.flush()
+
+
+class ClientProcess:
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.stats = Stats()
+        self.loop = asyncio.get_running_loop()
+        driver_cls = PROTOCOLS.get(config.protocol)
+        if driver_cls is None:
+            raise SystemExit(f"unknown protocol {config.protocol!r}")
+        self.driver = driver_cls(self.stats, config)
+        self.wheel = PingWheel(
+            self.loop, self.stats, config.ping_interval_s, config.pong_timeout_s, config.tick_s
+        )
+        self.control = Control(self.loop)
+        self.next_index = 0
+        self.inflight = 0
+        self.connect_started_ns = 0
+        self.connect_done_ns = 0
+
+    async def _connect_one(self, index: int) -> None:
+        cfg = self.config
+        stats = self.stats
+        loop = self.loop
+        source = cfg.sources[index * len(cfg.sources) // cfg.connections]
+        stats.attempted += 1
+        sock = None
+        started = time.monotonic_ns()
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if cfg.close_mode == "rst":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
+            sock.bind((source, 0))
+            async with asyncio.timeout(cfg.connect_timeout_s):
+                await loop.sock_connect(sock, (cfg.host, cfg.port))
+                conn = await self.driver.open(loop, sock)
+        except (OSError, TimeoutError) as exc:
+            stats.failed += 1
+            stats.error(error_reason(exc))
+            if sock is not None:
+                sock.close()
+            return
+        now = time.monotonic_ns()
+        stats.connect_us.record((now - started) // 1000)
+        stats.established += 1
+        if not stats.first_established_ns:
+            stats.first_established_ns = now
+        stats.last_established_ns = now
+        if self.control.close.is_set():
+            conn.close()  # established after the end was called: do not keep it
+        self.wheel.add(conn)
+
+    async def _connect_worker(self) -> None:
+        n = self.config.connections
+        halt = self.control.halt
+        while not halt.is_set():
+            index = self.next_index
+            if index >= n:
+                return
+            self.next_index = index + 1
+            await self._connect_one(index)
+
+    async def _progress_loop(self) -> None:
+        interval = self.config.progress_interval_s
+        last: dict[str, int] | None = None
+        while True:
+            snapshot = self.stats.progress()
+            if snapshot != last:
+                emit("progress", **snapshot)
+                last = snapshot
+            await asyncio.sleep(interval)
+
+    async def run(self) -> None:
+        cfg = self.config
+        stats = self.stats
+        control = self.control
+        lifetime = self.loop.call_later(cfg.lifetime_s, control.stop, "lifetime_exceeded")
+        emit("ready", pid=os.getpid(), nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        await control.go.wait()
+        progress = asyncio.create_task(self._progress_loop())
+        self.wheel.start()
+        self.connect_started_ns = time.monotonic_ns()
+        workers = [
+            asyncio.create_task(self._connect_worker())
+            for _ in range(max(1, min(cfg.max_inflight, cfg.connections)))
+        ]
+        await asyncio.gather(*workers)
+        self.connect_done_ns = time.monotonic_ns()
+        emit(
+            "connected",
+            **stats.progress(),
+            connect_started_ns=self.connect_started_ns,
+            connect_done_ns=self.connect_done_ns,
+            first_established_ns=stats.first_established_ns,
+            last_established_ns=stats.last_established_ns,
+        )
+
+        await control.close.wait()
+        held = stats.open
+        held_ns = time.monotonic_ns()
+        self.wheel.stop()
+        # Give the pings already sent their chance to be answered, then count the rest missed.
+        drain_deadline = time.monotonic() + min(cfg.pong_timeout_s, 10.0)
+        while stats.outstanding > 0 and time.monotonic() < drain_deadline:
+            await asyncio.sleep(0.01)
+        unanswered_at_end = self.wheel.expire_all()
+        unexpected_during_hold = stats.unexpected_closes
+        conns = self.wheel.connections()
+        for conn in conns:
+            conn.close()
+        close_deadline = time.monotonic() + cfg.close_timeout_s
+        while stats.open > 0 and time.monotonic() < close_deadline:
+            await asyncio.sleep(0.01)
+        closed_ns = time.monotonic_ns()
+        progress.cancel()
+        lifetime.cancel()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        emit(
+            "final",
+            **stats.progress(),
+            reason=control.reason,
+            held=held,
+            held_ns=held_ns,
+            closed_ns=closed_ns,
+            close_seconds=(closed_ns - held_ns) / 1e9,
+            still_open_after_close=stats.open,
+            unanswered_at_end=unanswered_at_end,
+            unexpected_during_hold=unexpected_during_hold,
+            unexpected_close_reasons=stats.unexpected_close_reasons,
+            errors=stats.errors,
+            late_pongs=stats.late_pongs,
+            data_frames=stats.data_frames,
+            protocol_errors=stats.protocol_errors,
+            rtt_us=stats.rtt_us.to_dict(),
+            connect_us=stats.connect_us.to_dict(),
+            connect_started_ns=self.connect_started_ns,
+            connect_done_ns=self.connect_done_ns,
+            first_established_ns=stats.first_established_ns,
+            last_established_ns=stats.last_established_ns,
+            cpu_seconds=usage.ru_utime + usage.ru_stime,
+            max_rss_bytes=usage.ru_maxrss * 1024,
+            sources=cfg.sources,
+        )
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            return asyncio.new_event_loop
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print("usage: python -m tidegate.bench.client CONFIG_JSON", file=sys.stderr)
+        return 2
+    config = ClientConfig(**json.loads(argv[0]))
+    if config.parent_pid:
+        die_with_parent(config.parent_pid)
+    # Ctrl-C reaches the whole foreground group: the runner decides when to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from tidegate.engine.limits import raise_nofile
+
+    limits = raise_nofile()
+    if config.connections + 64 > limits.soft:
+        emit("fatal", error=f"{config.connections} connections need more fds than {limits.soft}")
+        return 3
+    # Long-lived objects never become garbage until the end: keep the collector off their back.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 1000)
+
+    async def amain() -> None:
+        await ClientProcess(config).run()
+
+    with asyncio.Runner(loop_factory=_loop_factory(config.loop)) as runner:
+        runner.run(amain())
+    return 0
+
+
+def config_json(config: ClientConfig) -> str:
+    return json.dumps(asdict(config), separators=(",", ":"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
