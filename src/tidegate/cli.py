@@ -19,9 +19,11 @@ APPS = {
 }
 
 
-def _load_factory(spec: str) -> Callable[[], EventHandler]:
+def _load_factory(spec: str) -> Callable[[], EventHandler | list[EventHandler]]:
     module, _, name = APPS.get(spec, spec).partition(":")
-    factory: Callable[[], EventHandler] = getattr(importlib.import_module(module), name)
+    factory: Callable[[], EventHandler | list[EventHandler]] = getattr(
+        importlib.import_module(module), name
+    )
     return factory
 
 
@@ -30,7 +32,9 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--app", default="echo", help="built-in app (echo) or module:Handler")
     for f in dataclasses.fields(EngineOptions):
         flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str}[str(f.type)]
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type))
+        if kind is None:
+            continue
         p.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default {f.default})")
     p.add_argument("--connections", dest="connections_target", type=int, default=None,
                    help="alias of --connections-target: the load workers are sized for")

@@ -35,6 +35,7 @@ import socket
 import struct
 import sys
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -153,22 +154,22 @@ def error_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-class ClientConnection:
+class ClientConnection(typing.Protocol):
     """What the wheel and the process need from a connection, whatever its protocol.
 
     Implementations are ``asyncio.Protocol`` subclasses with ``__slots__`` holding at least
-    ``ping_sent`` (the token of the unanswered ping, 0 when none) and ``state``.
+    ``ping_sent`` (the token of the unanswered ping, 0 when none) and ``state`` (OPEN, CLOSING,
+    CLOSED); they count themselves in ``Stats.open`` and report unexpected closes.
     """
 
-    __slots__ = ()
     ping_sent: int
     state: int
 
     def ping(self, token_ns: int) -> None:
-        raise NotImplementedError
+        """Send a heartbeat carrying ``token_ns``; set ``ping_sent`` to it."""
 
     def close(self) -> None:
-        raise NotImplementedError
+        """Close on our side: set ``state`` to CLOSING first, so the close is expected."""
 
 
 class ClientDriver:
@@ -186,7 +187,7 @@ class ClientDriver:
         raise NotImplementedError
 
 
-class RawConnection(asyncio.Protocol, ClientConnection):
+class RawConnection(asyncio.Protocol):
     """A connection speaking length-prefixed heartbeat frames (:mod:`tidegate.protocol.heartbeat`)."""
 
     __slots__ = ("transport", "rbuf", "ping_sent", "state")

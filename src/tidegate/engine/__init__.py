@@ -20,8 +20,14 @@ from tidegate.engine.options import EngineOptions
 __all__ = ["Conn", "EngineOptions", "EventHandler", "run"]
 
 
-def run(handler_factory: Callable[[], EventHandler], opts: EngineOptions) -> int:
-    """Start the supervisor and its workers; blocks until SIGTERM/SIGINT. Returns an exit code."""
+def run(
+    handler_factory: Callable[[], EventHandler | list[EventHandler]], opts: EngineOptions
+) -> int:
+    """Start the supervisor and its workers; blocks until SIGTERM/SIGINT. Returns an exit code.
+
+    ``handler_factory`` runs once in each worker; it returns one handler, or one per listening
+    port (``opts.port`` then ``opts.extra_ports``).
+    """
     from tidegate import log
     from tidegate.engine.supervisor import Supervisor
 

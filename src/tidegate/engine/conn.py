@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from tidegate.protocol.codec import FrameError
+from tidegate.protocol.codec import Codec, FrameError
 
 if TYPE_CHECKING:
+    from tidegate.engine.handler import EventHandler
     from tidegate.engine.worker import Worker
 
 # _flags bits
@@ -26,7 +27,10 @@ CLOSING = 8
 class Conn(asyncio.BufferedProtocol):
     __slots__ = ("_transport", "_pending", "_last_rx", "_ping_tick", "_wslot", "_flags", "context")
 
-    _w: Worker  # set on the per-worker subclass (see Worker.conn_class)
+    # Set on the per-worker, per-listener subclass (see Worker.__init__): shared, 0 bytes/conn.
+    _w: Worker
+    _h: EventHandler
+    _codec: Codec
 
     def __init__(self) -> None:
         self._transport: Any = None
@@ -62,7 +66,7 @@ class Conn(asyncio.BufferedProtocol):
         self._pending = None
         self._last_rx = w.wheel.now
         try:
-            w.handler.on_traffic(self)
+            self._h.on_traffic(self)
         except FrameError as exc:
             w.protocol_error(self, exc)
             return
@@ -116,9 +120,9 @@ class Conn(asyncio.BufferedProtocol):
         return data
 
     def next_frame(self) -> bytes | None:
-        """Decode the next whole frame with the worker's codec, or None if incomplete."""
+        """Decode the next whole frame with the listener's codec, or None if incomplete."""
         w = self._w
-        frame, w.in_pos = w.codec.decode(w.read_buf, w.in_pos, w.in_end)
+        frame, w.in_pos = self._codec.decode(w.read_buf, w.in_pos, w.in_end)
         return frame
 
     # ---- writing --------------------------------------------------------------------

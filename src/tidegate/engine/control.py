@@ -12,9 +12,11 @@ from typing import Any
 
 READY = b"R"
 STATS = b"S"
-FDS = b"F"
+FDS = b"F"  # body: one byte, the index of the listener the sockets were accepted on
+RELAY = b"B"  # worker -> supervisor -> every other worker, body passed through untouched
+_JSON_KINDS = (READY, STATS)
 MAX_FDS_PER_MESSAGE = 64
-_MAX_MSG = 65536
+_MAX_MSG = 1 << 20  # relayed publications can be up to the max frame size
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
@@ -25,15 +27,18 @@ def send_json(sock: socket.socket, kind: bytes, body: dict[str, Any]) -> None:
     sock.send(kind + json.dumps(body, separators=(",", ":")).encode())
 
 
-def send_fds(sock: socket.socket, fds: list[int]) -> None:
-    socket.send_fds(sock, [FDS], fds)
+def send_fds(sock: socket.socket, fds: list[int], listener: int = 0) -> None:
+    socket.send_fds(sock, [FDS + bytes((listener,))], fds)
 
 
-def recv(sock: socket.socket) -> tuple[bytes, dict[str, Any] | None, list[int]] | None:
-    """One message: (kind, json body or None, fds). None on EOF. Raises BlockingIOError."""
+def recv(sock: socket.socket) -> tuple[bytes, Any, list[int]] | None:
+    """One message: (kind, body, fds); the body is parsed JSON for READY/STATS, else bytes.
+
+    None on EOF. Raises BlockingIOError when nothing is waiting.
+    """
     data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_MSG, MAX_FDS_PER_MESSAGE)
     if not data:
         return None
     kind = data[:1]
-    body = json.loads(data[1:]) if kind != FDS and len(data) > 1 else None
+    body: Any = json.loads(data[1:]) if kind in _JSON_KINDS else data[1:]
     return kind, body, list(fds)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 class EngineOptions:
     host: str = "127.0.0.1"
     port: int = 8000
+    # More listening ports, each served by its own handler (the app returns a list of them).
+    extra_ports: tuple[int, ...] = ()
     # Worker processes; 0 = sized from `connections_target`, the fd limit and the cores.
     workers: int = 0
     connections_target: int = 10_000

@@ -7,6 +7,7 @@ accepts connections and passes each socket to the least-loaded worker over SCM_R
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import selectors
@@ -31,6 +32,7 @@ from tidegate.engine.netopt import listening_socket
 from tidegate.engine.options import EngineOptions
 
 _log = log.get("supervisor")
+HandlerFactory = Callable[[], "EventHandler | list[EventHandler]"]
 
 
 @dataclass
@@ -44,6 +46,7 @@ class WorkerSlot:
     restart_at: float = 0.0
     handoff_sent: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    outbox: collections.deque[bytes] = field(default_factory=collections.deque)
 
     def load(self) -> int:
         """Connections it holds plus sockets handed to it that it has not reported yet."""
@@ -61,17 +64,18 @@ def plan_workers(opts: EngineOptions) -> int:
 
 
 class Supervisor:
-    def __init__(self, opts: EngineOptions, handler_factory: Callable[[], EventHandler]) -> None:
+    def __init__(self, opts: EngineOptions, handler_factory: HandlerFactory) -> None:
         opts.validate()
         self.opts = opts
         self.handler_factory = handler_factory
         self.slots: list[WorkerSlot] = []
         self.port = opts.port
+        self.ports: list[int] = []
         self.stopping = False
         self.restarts = 0
         self.refused_handoff = 0
         self._sel = selectors.DefaultSelector()
-        self._listen: socket.socket | None = None
+        self._listens: list[socket.socket] = []
         self._wake_r = self._wake_w = -1
         self._status_written = ""
 
@@ -80,10 +84,13 @@ class Supervisor:
         limits = raise_nofile()
         n = plan_workers(self.opts)
         handoff = self.opts.balance == "handoff"
-        # reuseport: a bound, non-listening socket reserves the port (and resolves port 0);
-        # handoff: the one listening socket, accepted here.
-        self._listen = listening_socket(self.opts, self.opts.port, reuseport=not handoff, listen=handoff)
-        self.port = self._listen.getsockname()[1]
+        # reuseport: a bound, non-listening socket reserves each port (and resolves port 0);
+        # handoff: the listening sockets themselves, accepted here.
+        for port in (self.opts.port, *self.opts.extra_ports):
+            sock = listening_socket(self.opts, port, reuseport=not handoff, listen=handoff)
+            self._listens.append(sock)
+            self.ports.append(sock.getsockname()[1])
+        self.port = self.ports[0]
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -93,12 +100,13 @@ class Supervisor:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the selector
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         if handoff:
-            self._sel.register(self._listen, selectors.EVENT_READ, "accept")
+            for i, sock in enumerate(self._listens):
+                self._sel.register(sock, selectors.EVENT_READ, ("accept", i))
         _log.info(
             "starting",
             extra={
                 "workers": n,
-                "port": self.port,
+                "ports": self.ports,
                 "balance": self.opts.balance,
                 "loop": self.opts.loop,
                 "nofile": limits.soft,
@@ -134,8 +142,8 @@ class Supervisor:
                 self._in_child()
                 from tidegate.engine.worker import run_worker
 
-                listen_port = None if self.opts.balance == "handoff" else self.port
-                code = run_worker(self.opts, self.handler_factory(), slot.index, child_end, listen_port)
+                ports = None if self.opts.balance == "handoff" else self.ports
+                code = run_worker(self.opts, self.handler_factory(), slot.index, child_end, ports)
             except BaseException:
                 _log.exception("worker crashed", extra={"worker": slot.index})
             finally:
@@ -157,15 +165,15 @@ class Supervisor:
         self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        if self._listen is not None:
-            self._listen.close()
+        for sock in self._listens:
+            sock.close()
         for other in self.slots:
             if other.ctrl is not None:
                 other.ctrl.close()
 
     # ---- the select loop ---------------------------------------------------------------
     def _poll(self, timeout: float) -> None:
-        for key, _ in self._sel.select(timeout):
+        for key, events in self._sel.select(timeout):
             tag = key.data
             if tag == "wake":
                 try:
@@ -173,10 +181,13 @@ class Supervisor:
                         pass
                 except BlockingIOError:
                     pass
-            elif tag == "accept":
-                self._accept_batch()
+            elif isinstance(tag, tuple):
+                self._accept_batch(tag[1])
             else:
-                self._on_ctrl(tag)
+                if events & selectors.EVENT_WRITE:
+                    self._flush(tag)
+                if events & selectors.EVENT_READ:
+                    self._on_ctrl(tag)
 
     def _on_ctrl(self, slot: WorkerSlot) -> None:
         assert slot.ctrl is not None
@@ -188,26 +199,62 @@ class Supervisor:
             except OSError:
                 msg = None
             if msg is None:
-                self._sel.unregister(slot.ctrl)
-                slot.ctrl.close()
-                slot.ctrl = None
+                self._drop_ctrl(slot)
                 return
             kind, body, fds = msg
             for fd in fds:
                 os.close(fd)
-            if kind == control.READY:
+            if kind == control.RELAY:
+                for other in self.slots:
+                    if other is not slot and other.ctrl is not None:
+                        self._send(other, control.RELAY + body)
+            elif kind == control.READY:
                 slot.ready = True
                 _log.info("worker ready", extra={"worker": slot.index, "worker_pid": slot.pid})
             elif kind == control.STATS and body is not None:
                 slot.stats = body
 
-    def _accept_batch(self) -> None:
-        assert self._listen is not None
+    def _send(self, slot: WorkerSlot, msg: bytes) -> None:
+        """Send in order; what the worker's socket cannot take now waits in its outbox."""
+        if slot.ctrl is None:
+            return
+        if not slot.outbox:
+            try:
+                slot.ctrl.send(msg)
+                return
+            except BlockingIOError:
+                self._sel.modify(slot.ctrl, selectors.EVENT_READ | selectors.EVENT_WRITE, slot)
+            except OSError:
+                return
+        slot.outbox.append(msg)
+
+    def _flush(self, slot: WorkerSlot) -> None:
+        while slot.outbox and slot.ctrl is not None:
+            try:
+                slot.ctrl.send(slot.outbox[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                slot.outbox.clear()
+                break
+            slot.outbox.popleft()
+        if slot.ctrl is not None:
+            self._sel.modify(slot.ctrl, selectors.EVENT_READ, slot)
+
+    def _drop_ctrl(self, slot: WorkerSlot) -> None:
+        if slot.ctrl is not None:
+            self._sel.unregister(slot.ctrl)
+            slot.ctrl.close()
+            slot.ctrl = None
+        slot.outbox.clear()
+
+    def _accept_batch(self, listener: int) -> None:
+        listen = self._listens[listener]
         batches: dict[int, list[socket.socket]] = {}
         ready = [s for s in self.slots if s.ready and s.ctrl is not None]
         for _ in range(256):
             try:
-                conn, _addr = self._listen.accept()
+                conn, _addr = listen.accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # EMFILE and friends: the backlog keeps the rest
@@ -226,7 +273,7 @@ class Supervisor:
                 chunk = socks[i : i + control.MAX_FDS_PER_MESSAGE]
                 try:
                     assert slot.ctrl is not None
-                    control.send_fds(slot.ctrl, [s.fileno() for s in chunk])
+                    control.send_fds(slot.ctrl, [s.fileno() for s in chunk], listener)
                 except (OSError, AssertionError):
                     self.refused_handoff += len(chunk)
                     slot.handoff_sent -= len(chunk)
@@ -247,10 +294,7 @@ class Supervisor:
                 continue
             why = _describe_exit(status)
             slot.pid, slot.ready = 0, False
-            if slot.ctrl is not None:
-                self._sel.unregister(slot.ctrl)
-                slot.ctrl.close()
-                slot.ctrl = None
+            self._drop_ctrl(slot)
             if self.stopping:
                 _log.info("worker exited", extra={"worker": slot.index, "worker_pid": pid, "why": why})
                 continue
@@ -271,8 +315,9 @@ class Supervisor:
                 self._spawn(slot)
 
     def _shutdown(self) -> None:
-        if self._listen is not None and self.opts.balance == "handoff":
-            self._sel.unregister(self._listen)
+        if self.opts.balance == "handoff":
+            for sock in self._listens:
+                self._sel.unregister(sock)
         for slot in self.slots:
             if slot.pid:
                 _kill(slot.pid, signal.SIGTERM)
@@ -291,8 +336,8 @@ class Supervisor:
 
     def _cleanup(self) -> None:
         signal.set_wakeup_fd(-1)
-        if self._listen is not None:
-            self._listen.close()
+        for sock in self._listens:
+            sock.close()
         if self.opts.status_file:
             try:
                 os.unlink(self.opts.status_file)
@@ -305,6 +350,7 @@ class Supervisor:
             "pid": os.getpid(),
             "host": self.opts.host,
             "port": self.port,
+            "ports": self.ports,
             "balance": self.opts.balance,
             "ready": bool(self.slots) and all(s.ready for s in self.slots),
             "workers": [s.pid for s in self.slots if s.pid],

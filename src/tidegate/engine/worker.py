@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tidegate import log
@@ -19,7 +20,7 @@ from tidegate.engine.loop import new_event_loop
 from tidegate.engine.netopt import listening_socket
 from tidegate.engine.options import EngineOptions
 from tidegate.engine.wheel import TimingWheel
-from tidegate.protocol.codec import Codec, FrameError
+from tidegate.protocol.codec import FrameError
 from tidegate.protocol.length_prefixed import LengthPrefixedCodec
 
 _log = log.get("worker")
@@ -32,17 +33,34 @@ class Worker:
     def __init__(
         self,
         opts: EngineOptions,
-        handler: EventHandler,
+        handlers: EventHandler | list[EventHandler],
         index: int = 0,
         ctrl: socket.socket | None = None,
     ) -> None:
         self.opts = opts
-        self.handler = handler
+        # One handler per listening port (opts.port, then opts.extra_ports).
+        self.handlers = handlers if isinstance(handlers, list) else [handlers]
+        self.handler = self.handlers[0]
         self.index = index
         self.ctrl = ctrl
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
-        # A per-worker Conn subclass: engine state reached via a class attribute, 0 bytes/conn.
-        self.conn_class: type[Conn] = type("Conn", (Conn,), {"__slots__": (), "_w": self})
+        # A Conn subclass per listener: worker, handler and codec reached through class
+        # attributes, so they cost nothing per connection.
+        self.conn_classes: list[type[Conn]] = [
+            type(
+                "Conn",
+                (Conn,),
+                {
+                    "__slots__": (),
+                    "_w": self,
+                    "_h": h,
+                    "_codec": getattr(h, "codec", None) or LengthPrefixedCodec(opts.max_frame_bytes),
+                },
+            )
+            for h in self.handlers
+        ]
+        self.conn_class = self.conn_classes[0]
+        self._ctrl_handlers: dict[bytes, Callable[[bytes], None]] = {}
         self.read_buf = bytearray(opts.read_buffer_bytes)
         self.read_view = memoryview(self.read_buf)
         self.in_base = 0
@@ -50,7 +68,6 @@ class Worker:
         self.in_end = 0
         self.max_pending_bytes = opts.read_buffer_bytes - 4096
         self.max_write_buffer_bytes = opts.max_write_buffer_bytes
-        self.codec: Codec = getattr(handler, "codec", None) or LengthPrefixedCodec(opts.max_frame_bytes)
         horizon = max(opts.ping_interval_s + opts.pong_timeout_s, opts.handshake_timeout_s)
         self.wheel = TimingWheel(opts.tick_s, horizon, self._check)
         self._ping_ticks = self.wheel.ticks(opts.ping_interval_s)
@@ -71,7 +88,7 @@ class Worker:
         self.gc_stats: gc_control.GcStats | None = None
         self.stopping = False
         self._stopped = asyncio.Event()
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
         self._t0 = 0.0
         self._last_stats = 0.0
 
@@ -88,7 +105,7 @@ class Worker:
         self.accepted_total += 1
         c._last_rx = self.wheel.now
         self.wheel.schedule(c, self.wheel.now + self._handshake_ticks)
-        first = self.handler.on_open(c)
+        first = c._h.on_open(c)
         if first:
             c.write(first)
 
@@ -106,7 +123,7 @@ class Worker:
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError(reason))
         try:
-            self.handler.on_close(c, reason)
+            c._h.on_close(c, reason)
         except Exception:
             _log.exception("on_close failed")
 
@@ -147,7 +164,7 @@ class Worker:
         if due > now:
             return due
         # Silent for a whole interval: ping it. Clients that ping us are never pinged back.
-        frame = self.handler.ping_frame(c)
+        frame = c._h.ping_frame(c)
         if frame is None:
             return now + self._ping_ticks
         c._flags |= PING_OUT
@@ -167,10 +184,11 @@ class Worker:
     def _tick(self) -> None:
         now = self.loop.time()
         self.wheel.advance(int((now - self._t0) / self.opts.tick_s))
-        try:
-            self.handler.on_tick(self)
-        except Exception:
-            _log.exception("on_tick failed")
+        for h in self.handlers:
+            try:
+                h.on_tick(self)
+            except Exception:
+                _log.exception("on_tick failed")
         if now - self._last_stats >= STATS_INTERVAL_S:
             self._last_stats = now
             self._send_stats()
@@ -216,32 +234,59 @@ class Worker:
                 self.loop.remove_reader(self.ctrl.fileno())
                 self.stop()
                 return
-            kind, _body, fds = msg
+            kind, body, fds = msg
+            if kind == control.FDS:
+                listener = body[0] if body else 0
+                for fd in fds:
+                    self.handoff_received += 1
+                    sock = socket.socket(fileno=fd)
+                    self.loop.create_task(self._adopt(sock, self.conn_classes[listener]))
+                continue
             for fd in fds:
-                self.handoff_received += 1
-                sock = socket.socket(fileno=fd)
-                self.loop.create_task(self._adopt(sock))
+                os.close(fd)
+            handler = self._ctrl_handlers.get(kind)
+            if handler is not None:
+                try:
+                    handler(body)
+                except Exception:
+                    _log.exception("control message handler failed", extra={"kind": kind.decode()})
 
-    async def _adopt(self, sock: socket.socket) -> None:
+    async def _adopt(self, sock: socket.socket, conn_class: type[Conn]) -> None:
         try:
-            await self.loop.connect_accepted_socket(self.conn_class, sock)
+            await self.loop.connect_accepted_socket(conn_class, sock)
         except OSError:
             sock.close()
 
+    # ---- messages between workers (relayed by the supervisor) -------------------------
+    def on_control(self, kind: bytes, fn: Callable[[bytes], None]) -> None:
+        """Call ``fn(body)`` for every control message of ``kind`` (a byte not used by the engine)."""
+        self._ctrl_handlers[kind] = fn
+
+    def send_control(self, kind: bytes, body: bytes) -> bool:
+        """Send a message to the supervisor; ``control.RELAY`` messages reach every other worker."""
+        if self.ctrl is None:
+            return False
+        try:
+            self.ctrl.send(kind + body)
+            return True
+        except OSError:
+            return False
+
     # ---- run / stop ----------------------------------------------------------------
-    async def serve(self, listen_port: int | None) -> None:
+    async def serve(self, listen_ports: list[int] | None) -> None:
         """Listen (reuseport) or take handed-off sockets, then run until stopped."""
         self.loop = asyncio.get_running_loop()
         self._t0 = self.loop.time()
-        if listen_port is not None:
-            sock = listening_socket(self.opts, listen_port, reuseport=True)
-            self._server = await self.loop.create_server(
-                self.conn_class, sock=sock, backlog=self.opts.backlog
+        for port, conn_class in zip(listen_ports or [], self.conn_classes, strict=False):
+            sock = listening_socket(self.opts, port, reuseport=True)
+            self._servers.append(
+                await self.loop.create_server(conn_class, sock=sock, backlog=self.opts.backlog)
             )
         if self.ctrl is not None:
             self.ctrl.setblocking(False)
             self.loop.add_reader(self.ctrl.fileno(), self._on_ctrl)
-        self.handler.on_boot(self)
+        for h in self.handlers:
+            h.on_boot(self)
         self.gc_stats = gc_control.configure(self.opts.gc_gen0_threshold)
         if self.ctrl is not None:
             control.send_json(self.ctrl, control.READY, {"pid": os.getpid(), "index": self.index})
@@ -255,12 +300,13 @@ class Worker:
             self._stopped.set()
 
     async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        try:
-            self.handler.on_shutdown(self)
-        except Exception:
-            _log.exception("on_shutdown failed")
+        for server in self._servers:
+            server.close()
+        for h in self.handlers:
+            try:
+                h.on_shutdown(self)
+            except Exception:
+                _log.exception("on_shutdown failed")
         for c in self.connections():
             c.close("shutdown")
         deadline = time.monotonic() + self.opts.shutdown_grace_s
@@ -273,19 +319,19 @@ class Worker:
 
 def run_worker(
     opts: EngineOptions,
-    handler: EventHandler,
+    handlers: EventHandler | list[EventHandler],
     index: int,
     ctrl: socket.socket | None,
-    listen_port: int | None,
+    listen_ports: list[int] | None,
 ) -> int:
     """Entry point of a worker process (after fork)."""
     loop = new_event_loop(opts.loop)
     asyncio.set_event_loop(loop)
-    worker = Worker(opts, handler, index, ctrl)
+    worker = Worker(opts, handlers, index, ctrl)
     loop.add_signal_handler(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
     try:
-        loop.run_until_complete(worker.serve(listen_port))
+        loop.run_until_complete(worker.serve(listen_ports))
     finally:
         loop.close()
     return 0

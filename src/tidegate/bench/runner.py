@@ -1,0 +1,1074 @@
+"""``tidegate bench``: orchestration of a load run and its report.
+
+A run goes through phases, each with a deadline, so it always ends by itself:
+
+1. start the server (``tidegate serve``) unless ``--target`` names one; wait for its status file;
+   measure it idle (memory, CPU, kernel slab);
+2. start the client processes (:mod:`tidegate.bench.client`), one source address or more each,
+   and wait until each says it is ready;
+3. connect: tell every client ``go``; follow the established count (progress bar) until every
+   client is done or the phase times out;
+4. hold for ``--hold`` seconds with heartbeats running; measure the server near the end;
+5. close: tell the clients to close, collect their final counters and histograms;
+6. measure the server's CPU once it is quiet again, stop it, write the report.
+
+On Ctrl-C, SIGTERM or any failure, the clients and the server the bench started are stopped
+(and they die with the runner anyway: see :mod:`tidegate.bench.guard`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from tidegate.bench import procstat
+from tidegate.bench.client import PROTOCOLS, ClientConfig, config_json
+from tidegate.bench.histogram import Histogram
+
+# fds a client process keeps besides its connections (pipes, epoll, the interpreter's own).
+CLIENT_RESERVE_FDS = 1000
+# Below this many connections per process, extra client processes buy nothing but start-up time.
+MIN_CONNECTIONS_PER_CLIENT = 5000
+# Ephemeral ports kept unused per source address (other programs, TIME_WAIT leftovers).
+PORT_MARGIN = 1000
+FIRST_SOURCE = ipaddress.IPv4Address("127.0.0.2")
+LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+
+EXIT_OK = 0
+EXIT_SHORTFALL = 1  # the run completed but missed a target (see the report's "failures")
+EXIT_SETUP = 2  # the run could not be set up (bad options, the server did not start...)
+EXIT_INTERRUPTED = 130
+
+
+class BenchError(Exception):
+    """A failure that stops the run: reported, then the run is wound down."""
+
+
+# --------------------------------------------------------------------------- options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``tidegate bench``'s options to ``parser``."""
+    parser.description = (
+        "Open N long-lived connections over loopback from many client processes and source "
+        "addresses, hold them with heartbeats, close them, and report what it cost the server. "
+        "Starts its own `tidegate serve` unless --target is given. Exit status: 0 when every "
+        "connection was established and held with no error, unexpected close or missed "
+        "heartbeat; 1 when the run completed short of that; 2 when it could not run."
+    )
+    g = parser.add_argument_group("load")
+    g.add_argument("--connections", type=_positive_int, default=10_000, metavar="N",
+                   help="connections to open and hold (default: 10000)")
+    g.add_argument("--hold", type=_non_negative_float, default=30.0, metavar="SECONDS",
+                   help="how long to hold them once connected (default: 30)")
+    g.add_argument("--ping-interval", type=_positive_float, default=25.0, metavar="SECONDS",
+                   help="each connection pings this often, spread evenly (default: 25)")
+    g.add_argument("--pong-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
+                   help="a ping not answered within this (or before the next ping) is missed "
+                   "(default: 10)")
+    g.add_argument("--protocol", choices=sorted(PROTOCOLS), default="raw",
+                   help="wire protocol the clients speak (default: raw)")
+    g.add_argument("--close-mode", choices=("rst", "fin"), default="rst",
+                   help="rst: close with SO_LINGER 0, leaving no TIME_WAIT behind (default); "
+                   "fin: orderly shutdown")
+
+    g = parser.add_argument_group("server")
+    g.add_argument("--target", metavar="HOST:PORT",
+                   help="aim at a server already running (loopback only) instead of starting one")
+    g.add_argument("--server-status-file", metavar="PATH",
+                   help="with --target: the server's status file, so its memory and CPU can be "
+                   "measured (otherwise those figures are null)")
+    g.add_argument("--balance", choices=("reuseport", "handoff"),
+                   help="passed to the server it starts")
+    g.add_argument("--server-workers", type=_positive_int, metavar="W",
+                   help="worker count for the server it starts (default: the server sizes itself)")
+    g.add_argument("--server-loop", choices=("uvloop", "asyncio"),
+                   help="event loop of the server it starts")
+    g.add_argument("--server-ping-interval", type=_positive_float, metavar="SECONDS",
+                   help="the started server's own --ping-interval-s (default: --ping-interval)")
+    g.add_argument("--server-cmd", metavar="CMD",
+                   help="command that starts the server, before `--app ...` "
+                   "(default: '<this python> -m tidegate serve')")
+    g.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for the started server (repeatable)")
+    g.add_argument("--ready-timeout", type=_positive_float, default=120.0, metavar="SECONDS",
+                   help="how long to wait for the server to be ready (default: 120)")
+
+    g = parser.add_argument_group("clients")
+    g.add_argument("--clients", type=_positive_int, metavar="K",
+                   help="client processes (default: enough for the fd limit, at least one per "
+                   "core)")
+    g.add_argument("--max-inflight", type=_positive_int, default=500, metavar="M",
+                   help="connects in flight per client process (default: 500)")
+    g.add_argument("--connect-timeout", type=_positive_float, default=15.0, metavar="SECONDS",
+                   help="timeout of one connect (default: 15)")
+    g.add_argument("--connect-phase-timeout", type=_positive_float, metavar="SECONDS",
+                   help="timeout of the whole connect phase (default: max(60, N/2000))")
+    g.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop",
+                   help="event loop of the client processes (default: uvloop)")
+
+    g = parser.add_argument_group("output")
+    g.add_argument("--json", metavar="PATH", help="write the report there as JSON")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--keep-logs", action="store_true",
+                   help="keep the server's and clients' logs even after a clean run")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a non-negative number")
+    return value
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` → (IPv4 loopback address, port). Anything off loopback is refused."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise BenchError(f"--target {text!r}: expected HOST:PORT")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise BenchError(f"--target {text!r}: port out of range")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise BenchError(f"--target {text!r}: {exc}") from exc
+    address = ipaddress.IPv4Address(infos[0][4][0])
+    if address not in LOOPBACK:
+        raise BenchError(f"--target {text!r}: only loopback (127.0.0.0/8) targets are allowed")
+    return str(address), port
+
+
+# --------------------------------------------------------------------------- sizing
+
+
+@dataclass
+class ClientPlan:
+    index: int
+    connections: int
+    sources: list[str]
+
+
+def plan_clients(
+    connections: int,
+    nofile: int,
+    *,
+    clients: int | None = None,
+    cores: int | None = None,
+    port_range: tuple[int, int] = (32768, 60999),
+    reserve_fds: int = CLIENT_RESERVE_FDS,
+) -> list[ClientPlan]:
+    """Split ``connections`` over client processes and give each its source addresses."""
+    per_process = nofile - reserve_fds
+    if per_process <= 0:
+        raise BenchError(f"RLIMIT_NOFILE {nofile} leaves no fds for connections")
+    needed = math.ceil(connections / per_process)
+    cores = cores or os.cpu_count() or 1
+    if clients is not None:
+        if clients < needed:
+            raise BenchError(
+                f"--clients {clients} is too few: {connections} connections need at least "
+                f"{needed} processes at RLIMIT_NOFILE {nofile}"
+            )
+        count = clients
+    else:
+        count = max(needed, min(cores, math.ceil(connections / MIN_CONNECTIONS_PER_CLIENT)))
+    count = max(1, min(count, connections))
+    ports = max(1, port_range[1] - port_range[0] + 1 - PORT_MARGIN)
+    base, extra = divmod(connections, count)
+    plans: list[ClientPlan] = []
+    next_source = FIRST_SOURCE
+    for index in range(count):
+        n = base + (1 if index < extra else 0)
+        sources: list[str] = []
+        for _ in range(max(1, math.ceil(n / ports))):
+            while int(next_source) & 0xFF in (0, 255):  # keep clear of .0 and .255
+                next_source += 1
+            if next_source not in LOOPBACK:
+                raise BenchError("ran out of loopback source addresses")
+            sources.append(str(next_source))
+            next_source += 1
+        plans.append(ClientPlan(index=index, connections=n, sources=sources))
+    return plans
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Server:
+    """The server under test: started by the bench, or found through a status file."""
+
+    started: bool
+    host: str
+    port: int
+    proc: asyncio.subprocess.Process | None = None
+    log_path: str | None = None
+    status_path: str | None = None
+    pid: int | None = None
+    workers: list[int] = field(default_factory=list)
+    restarts: int = 0
+    status_history: list[dict[str, Any]] = field(default_factory=list)
+
+    def read_status(self) -> dict[str, Any] | None:
+        if not self.status_path:
+            return None
+        try:
+            with open(self.status_path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def refresh(self) -> None:
+        """Follow the status file: the server rewrites it when it restarts a worker."""
+        status = self.read_status()
+        if not status or not status.get("ready"):
+            return
+        workers = [int(pid) for pid in status.get("workers", [])]
+        if self.pid is None:
+            self.pid = int(status["pid"]) if status.get("pid") else None
+        if workers != self.workers:
+            if self.workers:
+                self.restarts += len(set(self.workers) - set(workers))
+                self.status_history.append({"at": time.time(), "workers": workers})
+            self.workers = workers
+
+    @property
+    def measurable(self) -> bool:
+        return bool(self.workers)
+
+    def rss(self) -> int | None:
+        return procstat.sum_known(procstat.rss_bytes(pid) for pid in self.workers) \
+            if self.workers else None
+
+    def cpu_ticks(self) -> int | None:
+        if not self.workers:
+            return None
+        # The supervisor's own time plus its reaped children's (a restarted worker's time
+        # moves there), plus each live worker's.
+        values: list[int | None] = [procstat.cpu_ticks(pid) for pid in self.workers]
+        if self.pid is not None:
+            values.append(procstat.cpu_ticks(self.pid, children=True))
+        return procstat.sum_known(values)
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.returncode is None
+        return self.pid is None or procstat.alive(self.pid)
+
+
+@dataclass
+class Client:
+    plan: ClientPlan
+    proc: asyncio.subprocess.Process
+    log_path: str
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    latest: dict[str, Any] = field(default_factory=dict)
+    connected_msg: dict[str, Any] | None = None
+    final: dict[str, Any] | None = None
+    fatal: str | None = None
+    reader: asyncio.Task[None] | None = None
+
+    def send(self, command: str) -> None:
+        stdin = self.proc.stdin
+        if stdin is None or stdin.is_closing():
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            stdin.write(command.encode() + b"\n")
+
+    async def read(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        while True:
+            try:
+                line = await stdout.readline()
+            except (ValueError, OSError) as exc:
+                self.fatal = self.fatal or f"bad output: {exc}"
+                break
+            if not line:
+                break
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            kind = msg.get("type")
+            if kind == "ready":
+                self.ready.set()
+            elif kind == "progress":
+                self.latest = msg
+            elif kind == "connected":
+                self.latest = msg
+                self.connected_msg = msg
+                self.connected.set()
+            elif kind == "final":
+                self.latest = msg
+                self.final = msg
+            elif kind == "fatal":
+                self.fatal = str(msg.get("error"))
+        # The process is gone (or going): nobody should wait for it any more.
+        self.ready.set()
+        self.connected.set()
+        self.finished.set()
+
+
+def _tail(path: str | None, lines: int = 20) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _sum(clients: Iterable[Client], key: str) -> int:
+    return sum(int(c.latest.get(key, 0)) for c in clients)
+
+
+class Progress:
+    """A tqdm bar on stderr, or nothing with --no-progress."""
+
+    def __init__(self, enabled: bool, **kwargs: Any) -> None:
+        self.bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            tty = sys.stderr.isatty()
+            self.bar = tqdm(file=sys.stderr, dynamic_ncols=True, leave=True,
+                            mininterval=0.2 if tty else 5.0, **kwargs)
+
+    def update(self, n: float, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.n = n
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, out: TextIO) -> None:
+        self.args = args
+        self.out = out
+        self.report: dict[str, Any] = {}
+        self.failures: list[str] = []
+        self.server: Server | None = None
+        self.clients: list[Client] = []
+        self.workdir = tempfile.mkdtemp(prefix="tidegate-bench-")
+        self.keep_logs = bool(args.keep_logs)
+        self.t_start = time.monotonic()
+        self.phases: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- setup
+
+    def _base_report(self, plans: list[ClientPlan], nofile: tuple[int, int]) -> None:
+        a = self.args
+        mem = procstat.meminfo()
+        self.report.update({
+            "schema": "tidegate.bench/1",
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": [sys.executable, *sys.argv],
+            "config": {k: v for k, v in sorted(vars(a).items()) if not callable(v)},
+            "host": {
+                "hostname": platform.node(),
+                "kernel": platform.release(),
+                "python": platform.python_version(),
+                "cores": os.cpu_count(),
+                "mem_total_bytes": mem.get("MemTotal"),
+                "nofile_soft": nofile[0],
+                "nofile_hard": nofile[1],
+                "ip_local_port_range": list(procstat.ip_local_port_range()),
+                "somaxconn": _read_int("/proc/sys/net/core/somaxconn"),
+            },
+            "protocol": a.protocol,
+            "connections_target": a.connections,
+            "client_processes": len(plans),
+            "connections_per_client": [p.connections for p in plans],
+            "source_addresses": [s for p in plans for s in p.sources],
+            "max_inflight_per_client": a.max_inflight,
+            "ping_interval_s": a.ping_interval,
+            "pong_timeout_s": a.pong_timeout,
+            "close_mode": a.close_mode,
+        })
+
+    async def start_server(self) -> Server:
+        a = self.args
+        if a.target:
+            host, port = parse_target(a.target)
+            server = Server(started=False, host=host, port=port, status_path=a.server_status_file)
+            server.refresh()
+            if a.server_status_file and not server.workers:
+                raise BenchError(f"--server-status-file {a.server_status_file}: no ready server")
+            return server
+        host = "127.0.0.1"
+        port = free_port(host)
+        status_path = os.path.join(self.workdir, "server-status.json")
+        log_path = os.path.join(self.workdir, "server.log")
+        base = shlex.split(a.server_cmd) if a.server_cmd else [
+            sys.executable, "-m", "tidegate", "serve"]
+        cmd = [*base, "--app", "echo", "--host", host, "--port", str(port),
+               "--connections", str(a.connections), "--status-file", status_path,
+               "--ping-interval-s", _num(a.server_ping_interval or a.ping_interval),
+               "--pong-timeout-s", _num(a.pong_timeout)]
+        if a.server_workers:
+            cmd += ["--workers", str(a.server_workers)]
+        if a.balance:
+            cmd += ["--balance", a.balance]
+        if a.server_loop:
+            cmd += ["--loop", a.server_loop]
+        cmd += list(a.server_arg)
+        self.report["server_command"] = cmd
+        guarded = [sys.executable, "-m", "tidegate.bench.guard", str(os.getpid()), "--", *cmd]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log_path, "wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *guarded, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True, env=env)
+        server = Server(started=True, host=host, port=port, proc=proc, log_path=log_path,
+                        status_path=status_path, pid=proc.pid)
+        self.server = server
+        deadline = time.monotonic() + a.ready_timeout
+        while True:
+            server.refresh()
+            if server.workers:
+                return server
+            if proc.returncode is not None:
+                raise BenchError(f"the server exited with status {proc.returncode} before it was "
+                                 f"ready; its log ({log_path}) ends with:\n{_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"the server was not ready within {a.ready_timeout:g}s; its log "
+                                 f"({log_path}) ends with:\n{_tail(log_path)}")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), 0.05)
+
+    async def start_clients(self, plans: list[ClientPlan], host: str, port: int,
+                            lifetime_s: float) -> None:
+        a = self.args
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for plan in plans:
+            config = ClientConfig(
+                index=plan.index, host=host, port=port, sources=plan.sources,
+                connections=plan.connections, parent_pid=os.getpid(), protocol=a.protocol,
+                max_inflight=a.max_inflight, ping_interval_s=a.ping_interval,
+                pong_timeout_s=a.pong_timeout, connect_timeout_s=a.connect_timeout,
+                close_mode=a.close_mode, lifetime_s=lifetime_s, loop=a.client_loop)
+            log_path = os.path.join(self.workdir, f"client-{plan.index}.log")
+            with open(log_path, "wb") as log:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "tidegate.bench.client", config_json(config),
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+                    start_new_session=True, env=env, limit=1 << 22)
+            client = Client(plan=plan, proc=proc, log_path=log_path)
+            client.reader = asyncio.create_task(client.read())
+            self.clients.append(client)
+        deadline = 60.0 + 2.0 * len(plans)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(c.ready.wait() for c in self.clients)),
+                                   deadline)
+        except TimeoutError as exc:
+            raise BenchError(f"client processes not ready within {deadline:g}s") from exc
+        self._check_clients("starting")
+
+    def _check_clients(self, phase: str) -> None:
+        for c in self.clients:
+            if c.fatal or (c.proc.returncode is not None and c.final is None):
+                raise BenchError(
+                    f"client {c.plan.index} failed while {phase}: "
+                    f"{c.fatal or f'exit status {c.proc.returncode}'}\n{_tail(c.log_path)}")
+
+    # ---------------------------------------------------------------- measurements
+
+    def measure_server(self, *, detailed: bool) -> dict[str, Any]:
+        server = self.server
+        out: dict[str, Any] = {"slab": procstat.slab_bytes(),
+                               "mem_available": procstat.meminfo().get("MemAvailable"),
+                               "sockstat": procstat.tcp_sockstat()}
+        if server is None or not server.measurable:
+            return out
+        server.refresh()
+        out["workers"] = list(server.workers)
+        out["rss_each"] = [procstat.rss_bytes(pid) for pid in server.workers]
+        out["rss"] = procstat.sum_known(out["rss_each"])
+        out["cpu_ticks"] = server.cpu_ticks()
+        if server.pid is not None:
+            out["supervisor_rss"] = procstat.rss_bytes(server.pid)
+        if detailed:
+            out["pss_each"] = [procstat.pss_bytes(pid) for pid in server.workers]
+            out["pss"] = procstat.sum_known(out["pss_each"])
+            out["fds_each"] = [procstat.open_fds(pid) for pid in server.workers]
+        return out
+
+    # ---------------------------------------------------------------- phases
+
+    async def run(self) -> int:
+        a = self.args
+        limits = _raise_nofile()
+        plans = plan_clients(a.connections, limits[0], clients=a.clients,
+                             port_range=procstat.ip_local_port_range())
+        self._base_report(plans, limits)
+        connect_phase_timeout = a.connect_phase_timeout or max(60.0, a.connections / 2000)
+
+        # 1. server
+        t = time.monotonic()
+        server = await self.start_server()
+        self.server = server
+        self.phases["server_start"] = time.monotonic() - t
+        self.report["target"] = f"{server.host}:{server.port}"
+        self.report["server_started_by_bench"] = server.started
+        self.report["server_workers"] = len(server.workers) if server.workers else None
+        self.report["server_supervisor_pid"] = server.pid if server.measurable else None
+        self.report["server_worker_pids"] = list(server.workers) or None
+        before = self.measure_server(detailed=True)
+        self.report["server_rss_bytes_before"] = before.get("rss")
+        self.report["server_pss_bytes_before"] = before.get("pss")
+        self.report["server_supervisor_rss_bytes_before"] = before.get("supervisor_rss")
+        self.report["kernel_slab_bytes_before"] = before["slab"]
+        self.report["kernel_tcp_sockstat_before"] = before["sockstat"]
+        self.report["mem_available_bytes_before"] = before["mem_available"]
+
+        # 2. clients
+        t = time.monotonic()
+        lifetime = connect_phase_timeout + a.hold + 180.0
+        await self.start_clients(plans, server.host, server.port, lifetime)
+        self.phases["clients_start"] = time.monotonic() - t
+
+        # 3. connect
+        cpu_go = self.measure_server(detailed=False).get("cpu_ticks")
+        await self.connect_phase(connect_phase_timeout)
+        cpu_connected = self.measure_server(detailed=False).get("cpu_ticks")
+
+        # 4. hold
+        held_figures = await self.hold_phase()
+        cpu_held = held_figures.get("cpu_ticks")
+
+        # 5. close
+        await self.close_phase()
+
+        # 6. server: wait until it is quiet, measure, stop
+        cpu_end = await self.settle_server()
+        ticks = [before.get("cpu_ticks"), cpu_go, cpu_connected, cpu_held, cpu_end]
+        self.report["server_cpu_seconds"] = _ticks_delta(ticks[0], ticks[4])
+        self.report["server_cpu_seconds_by_phase"] = {
+            "idle_before_connect": _ticks_delta(ticks[0], ticks[1]),
+            "connect": _ticks_delta(ticks[1], ticks[2]),
+            "hold": _ticks_delta(ticks[2], ticks[3]),
+            "close": _ticks_delta(ticks[3], ticks[4]),
+        }
+        self.report["server_cpu_percent_of_one_core_during_hold"] = (
+            None if self.report["server_cpu_seconds_by_phase"]["hold"] is None
+            or not self.report.get("hold_seconds")
+            else round(100 * self.report["server_cpu_seconds_by_phase"]["hold"]
+                       / self.report["hold_seconds"], 2))
+        await self.stop_server()
+        return self.finish()
+
+    async def connect_phase(self, timeout: float) -> None:
+        a = self.args
+        bar = Progress(not a.no_progress, total=a.connections, desc="connecting", unit="conn")
+        go_ns = time.monotonic_ns()
+        t0 = time.monotonic()
+        for c in self.clients:
+            c.send("go")
+        timeline: list[int] = []
+        last_second_count = 0
+        next_second = t0 + 1.0
+        timed_out = False
+        try:
+            while True:
+                done = all(c.connected.is_set() for c in self.clients)
+                now = time.monotonic()
+                established = _sum(self.clients, "established")
+                while now >= next_second:
+                    timeline.append(established - last_second_count)
+                    last_second_count = established
+                    next_second += 1.0
+                bar.update(established, failed=_sum(self.clients, "failed"),
+                           open=_sum(self.clients, "open"))
+                if done:
+                    break
+                if now - t0 > timeout:
+                    timed_out = True
+                    self.failures.append(f"connect phase timed out after {timeout:g}s")
+                    for c in self.clients:
+                        c.send("halt")
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            asyncio.gather(*(c.connected.wait() for c in self.clients)),
+                            a.connect_timeout + 10)
+                    break
+                if self.server is not None and not self.server.alive():
+                    self.failures.append("the server exited during the connect phase")
+                await asyncio.sleep(0.1)
+        finally:
+            bar.close()
+        self._check_clients("connecting")
+        elapsed = time.monotonic() - t0
+        self.phases["connect"] = elapsed
+        if established - last_second_count > 0 or not timeline:
+            timeline.append(established - last_second_count)
+        msgs = [c.connected_msg for c in self.clients if c.connected_msg]
+        last_ns = max((m.get("last_established_ns") or 0 for m in msgs), default=0)
+        established = _sum(self.clients, "established")
+        connect_seconds = (last_ns - go_ns) / 1e9 if last_ns > go_ns else None
+        self.report["connections_established"] = established
+        self.report["connect_seconds"] = _round(connect_seconds, 3)
+        self.report["connect_rate_per_s"] = (
+            round(established / connect_seconds, 1) if connect_seconds else None)
+        self.report["connect_phase_seconds"] = round(elapsed, 3)
+        self.report["connect_phase_timed_out"] = timed_out
+        self.report["connect_rate_timeline_per_s"] = timeline
+
+    async def hold_phase(self) -> dict[str, Any]:
+        a = self.args
+        bar = Progress(not a.no_progress, total=a.hold, desc="holding", unit="s",
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s "
+                       "[{elapsed}<{remaining}{postfix}]")
+        t0 = time.monotonic()
+        measure_at = t0 + max(0.0, a.hold - min(1.0, a.hold / 10))
+        peak_rss: int | None = None
+        next_sample = t0
+        held: dict[str, Any] | None = None
+        server_died = False
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_sample:
+                    next_sample = now + 1.0
+                    if self.server is not None and self.server.measurable:
+                        self.server.refresh()
+                        rss = self.server.rss()
+                        if rss is not None and (peak_rss is None or rss > peak_rss):
+                            peak_rss = rss
+                if held is None and now >= measure_at:
+                    held = await asyncio.to_thread(self.measure_server, detailed=True)
+                    held["client_rss"] = procstat.sum_known(
+                        procstat.rss_bytes(c.proc.pid) for c in self.clients)
+                    held["open"] = _sum(self.clients, "open")
+                    now = time.monotonic()
+                if self.server is not None and not server_died and not self.server.alive():
+                    server_died = True
+                    self.failures.append("the server exited during the hold")
+                bar.update(min(now - t0, a.hold), open=_sum(self.clients, "open"),
+                           unexpected=_sum(self.clients, "unexpected_closes"),
+                           missed=_sum(self.clients, "missed"),
+                           pongs=_sum(self.clients, "pongs"))
+                if held is not None and now - t0 >= a.hold:
+                    break
+                if all(c.finished.is_set() for c in self.clients):
+                    self.failures.append("every client process ended during the hold")
+                    break
+                await asyncio.sleep(min(0.2, max(0.0, t0 + a.hold - now)) or 0.01)
+        finally:
+            bar.close()
+        self.phases["hold"] = time.monotonic() - t0
+        self.report["hold_seconds"] = round(time.monotonic() - t0, 3)
+        held = held or {}
+        r = self.report
+        r["server_rss_bytes_held"] = held.get("rss")
+        r["server_pss_bytes_held"] = held.get("pss")
+        r["server_rss_bytes_peak"] = peak_rss
+        r["server_supervisor_rss_bytes_held"] = held.get("supervisor_rss")
+        r["server_worker_rss_bytes_held"] = held.get("rss_each")
+        r["server_worker_pss_bytes_held"] = held.get("pss_each")
+        r["kernel_slab_bytes_held"] = held.get("slab")
+        r["kernel_tcp_sockstat_held"] = held.get("sockstat")
+        r["mem_available_bytes_held"] = held.get("mem_available")
+        r["client_rss_bytes_held"] = held.get("client_rss")
+        r["connections_open_at_measurement"] = held.get("open")
+        before_slab, held_slab = r.get("kernel_slab_bytes_before"), held.get("slab")
+        r["kernel_slab_bytes_delta"] = (
+            held_slab - before_slab if held_slab is not None and before_slab is not None else None)
+        fds = held.get("fds_each")
+        if fds and None not in fds:
+            # Each accepted connection is one fd of the worker holding it.
+            base = min(fds)  # idle workers hold the same handful of fds
+            r["server_worker_fds_held"] = fds
+            spread = {"min": min(fds), "max": max(fds), "mean": round(sum(fds) / len(fds), 1)}
+            spread["max_over_mean"] = round(max(fds) / spread["mean"], 4) if spread["mean"] else None
+            spread["note"] = f"open fds per worker while holding (idle baseline ~{base} or less)"
+            r["server_worker_fds_spread"] = spread
+        return held
+
+    async def close_phase(self) -> None:
+        t0 = time.monotonic()
+        for c in self.clients:
+            c.send("close")
+        limit = min(self.args.pong_timeout, 10.0) + 30.0 + 15.0
+        try:
+            await asyncio.wait_for(asyncio.gather(*(c.finished.wait() for c in self.clients)),
+                                   limit)
+        except TimeoutError:
+            self.failures.append(f"client processes did not finish within {limit:g}s of close")
+        await self.reap_clients()
+        self.phases["close"] = time.monotonic() - t0
+        self.collect_client_finals()
+
+    async def reap_clients(self, grace: float = 10.0) -> None:
+        for c in self.clients:
+            if c.proc.stdin is not None and not c.proc.stdin.is_closing():
+                c.proc.stdin.close()
+        deadline = time.monotonic() + grace
+        for c in self.clients:
+            if c.proc.returncode is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(c.proc.wait(), max(0.1, deadline - time.monotonic()))
+            if c.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    c.proc.kill()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(c.proc.wait(), 5)
+            if c.reader is not None:
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(c.reader, 2)
+
+    def collect_client_finals(self) -> None:
+        r = self.report
+        finals = [c.final for c in self.clients if c.final is not None]
+        missing = [c.plan.index for c in self.clients if c.final is None]
+        if missing:
+            self.failures.append(f"no final report from client processes {missing}")
+        rtt = Histogram()
+        connect = Histogram()
+        errors: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        for f in finals:
+            rtt.merge(Histogram.from_dict(f["rtt_us"]))
+            connect.merge(Histogram.from_dict(f["connect_us"]))
+            for k, v in f.get("errors", {}).items():
+                errors[k] = errors.get(k, 0) + int(v)
+            for k, v in f.get("unexpected_close_reasons", {}).items():
+                reasons[k] = reasons.get(k, 0) + int(v)
+        for c in self.clients:
+            if c.final is None:
+                errors["client_process_lost"] = errors.get("client_process_lost", 0) + 1
+
+        def total(key: str) -> int:
+            return sum(int(f.get(key, 0)) for f in finals)
+
+        r["connections_established"] = sum(
+            int(c.latest.get("established", 0)) for c in self.clients)
+        r["connections_held"] = total("held") if not missing else None
+        r["unexpected_closes"] = total("unexpected_closes")
+        r["unexpected_closes_during_hold"] = total("unexpected_during_hold")
+        r["unexpected_close_reasons"] = reasons
+        r["connect_failures"] = total("failed")
+        r["errors_total"] = sum(errors.values())
+        r["errors"] = errors
+        r["heartbeat_rtt_ms_p50"] = _ms(rtt.percentile(50))
+        r["heartbeat_rtt_ms_p99"] = _ms(rtt.percentile(99))
+        r["heartbeat_rtt_ms"] = rtt.summary(scale=1000.0)
+        r["heartbeat_missed"] = total("missed")
+        r["heartbeat_pings_sent"] = total("pings_sent")
+        r["heartbeat_pongs_received"] = total("pongs")
+        r["heartbeat_late_pongs"] = total("late_pongs")
+        r["heartbeat_unanswered_at_end"] = total("unanswered_at_end")
+        r["server_pings_answered"] = total("server_pings")
+        r["protocol_errors"] = total("protocol_errors")
+        r["connect_ms"] = connect.summary(scale=1000.0)
+        r["connections_still_open_after_close"] = total("still_open_after_close")
+        r["close_seconds"] = _round(max((float(f.get("close_seconds", 0)) for f in finals),
+                                        default=None), 3)
+        r["client_cpu_seconds"] = round(sum(float(f.get("cpu_seconds", 0)) for f in finals), 2)
+        r["client_max_rss_bytes_per_process"] = max(
+            (int(f.get("max_rss_bytes", 0)) for f in finals), default=None)
+        r["rtt_histogram_us"] = rtt.to_dict()
+
+    async def settle_server(self) -> int | None:
+        """Wait (at most 15 s) until the server's CPU stops moving; return its CPU ticks then."""
+        server = self.server
+        if server is None or not server.measurable:
+            return None
+        t0 = time.monotonic()
+        last = server.cpu_ticks()
+        quiet = 0
+        while time.monotonic() - t0 < 15.0 and quiet < 2:
+            await asyncio.sleep(0.5)
+            now = server.cpu_ticks()
+            if now is None or last is None:
+                break
+            quiet = quiet + 1 if now - last <= max(2, len(server.workers) // 4) else 0
+            last = now
+        self.phases["server_settle"] = time.monotonic() - t0
+        server.refresh()
+        self.report["server_worker_restarts"] = server.restarts
+        after = self.measure_server(detailed=False)
+        self.report["server_rss_bytes_after"] = after.get("rss")
+        self.report["kernel_tcp_sockstat_after"] = after.get("sockstat")
+        return last
+
+    async def stop_server(self, timeout: float = 60.0) -> None:
+        server = self.server
+        if server is None or not server.started or server.proc is None:
+            return
+        proc = server.proc
+        if proc.returncode is None:
+            t0 = time.monotonic()
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                self.failures.append(f"the server did not stop within {timeout:g}s of SIGTERM")
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the session the bench started it in
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 10)
+            self.phases["server_stop"] = time.monotonic() - t0
+            self.report["server_exit_code"] = proc.returncode
+            if proc.returncode not in (0, None):
+                self.failures.append(f"the server exited with status {proc.returncode}")
+        # Workers left behind after the supervisor exited would be a server bug: report them.
+        leftover = [pid for pid in server.workers if procstat.alive(pid)]
+        if leftover:
+            await asyncio.sleep(1.0)
+            leftover = [pid for pid in leftover if procstat.alive(pid)]
+        self.report["server_workers_left_running"] = leftover
+        if leftover:
+            self.failures.append(f"server workers still running after it stopped: {leftover}")
+
+    # ---------------------------------------------------------------- report
+
+    def finish(self) -> int:
+        r = self.report
+        held, before = r.get("server_rss_bytes_held"), r.get("server_rss_bytes_before")
+        n_held = r.get("connections_held")
+        r["server_marginal_bytes_per_connection"] = (
+            round((held - before) / n_held, 1)
+            if held is not None and before is not None and n_held else None)
+        pss_held, pss_before = r.get("server_pss_bytes_held"), r.get("server_pss_bytes_before")
+        r["server_marginal_pss_bytes_per_connection"] = (
+            round((pss_held - pss_before) / n_held, 1)
+            if pss_held is not None and pss_before is not None and n_held else None)
+        slab = r.get("kernel_slab_bytes_delta")
+        r["kernel_slab_bytes_per_connection"] = (
+            round(slab / n_held, 1) if slab is not None and n_held else None)
+        target = r["connections_target"]
+        if r.get("connections_established", 0) != target:
+            self.failures.append(
+                f"established {r.get('connections_established')} of {target} connections")
+        if n_held != target:
+            self.failures.append(f"held {n_held} of {target} connections")
+        for key in ("unexpected_closes", "errors_total", "heartbeat_missed"):
+            if r.get(key):
+                self.failures.append(f"{key} = {r[key]}")
+        return EXIT_SHORTFALL if self.failures else EXIT_OK
+
+    def write_report(self, completed: bool) -> None:
+        r = self.report
+        for key in REQUIRED_KEYS:
+            r.setdefault(key, None)
+        r["completed"] = completed
+        r["failures"] = list(dict.fromkeys(self.failures))
+        r["ok"] = completed and not self.failures
+        self.phases["total"] = time.monotonic() - self.t_start
+        r["phases_seconds"] = {k: round(v, 3) for k, v in self.phases.items()}
+        logs_kept = self.keep_logs or not r["ok"]
+        r["logs_dir"] = self.workdir if logs_kept else None
+        if self.args.json:
+            path = self.args.json
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            tmp = f"{path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(_ordered(r), f, indent=2)
+                f.write("\n")
+            os.replace(tmp, path)
+        self.print_summary()
+        if not logs_kept:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def print_summary(self) -> None:
+        r = self.report
+        out = self.out
+
+        def line(label: str, value: Any) -> None:
+            print(f"  {label:<38} {value}", file=out)
+
+        print(f"tidegate bench: {r.get('connections_target')} {r.get('protocol')} connections "
+              f"to {r.get('target')} ({'ok' if r.get('ok') else 'NOT ok'})", file=out)
+        line("client processes", r.get("client_processes"))
+        line("server workers", r.get("server_workers"))
+        line("established / held", f"{r.get('connections_established')} / "
+             f"{r.get('connections_held')}")
+        line("connect seconds / rate per s",
+             f"{r.get('connect_seconds')} / {r.get('connect_rate_per_s')}")
+        line("hold seconds", r.get("hold_seconds"))
+        line("unexpected closes / errors", f"{r.get('unexpected_closes')} / "
+             f"{r.get('errors_total')} {r.get('errors') or ''}")
+        line("heartbeat rtt ms p50 / p99 / max", f"{r.get('heartbeat_rtt_ms_p50')} / "
+             f"{r.get('heartbeat_rtt_ms_p99')} / {(r.get('heartbeat_rtt_ms') or {}).get('max')}")
+        line("heartbeats sent / missed", f"{r.get('heartbeat_pings_sent')} / "
+             f"{r.get('heartbeat_missed')}")
+        line("server rss before / held (MiB)", f"{_mib(r.get('server_rss_bytes_before'))} / "
+             f"{_mib(r.get('server_rss_bytes_held'))}")
+        line("server pss held (MiB)", _mib(r.get("server_pss_bytes_held")))
+        line("server marginal bytes per connection", r.get("server_marginal_bytes_per_connection"))
+        line("kernel slab delta (MiB)", _mib(r.get("kernel_slab_bytes_delta")))
+        line("server cpu seconds", r.get("server_cpu_seconds"))
+        for failure in r.get("failures") or []:
+            print(f"  ! {failure}", file=out)
+        if r.get("logs_dir"):
+            print(f"  logs: {r['logs_dir']}", file=out)
+        if self.args.json:
+            print(f"  report: {self.args.json}", file=out)
+
+    async def shutdown(self) -> None:
+        """Stop whatever is still running (after a failure or an interruption)."""
+        for c in self.clients:
+            if c.proc.returncode is None:
+                c.send("close")
+        if self.clients:
+            with contextlib.suppress(Exception):
+                await self.reap_clients(grace=15.0)
+        with contextlib.suppress(Exception):
+            await self.stop_server(timeout=30.0)
+
+
+REQUIRED_KEYS = (
+    "connections_target", "connections_established", "connections_held", "connect_seconds",
+    "connect_rate_per_s", "hold_seconds", "unexpected_closes", "errors_total", "server_workers",
+    "server_rss_bytes_before", "server_rss_bytes_held", "server_pss_bytes_held",
+    "server_marginal_bytes_per_connection", "kernel_slab_bytes_delta", "heartbeat_rtt_ms_p50",
+    "heartbeat_rtt_ms_p99", "heartbeat_missed", "server_cpu_seconds",
+)
+
+
+def _ordered(report: dict[str, Any]) -> dict[str, Any]:
+    """The required keys first, in the spec's order, then the rest."""
+    out = {k: report.get(k) for k in REQUIRED_KEYS}
+    out.update((k, v) for k, v in report.items() if k not in out)
+    return out
+
+
+def _raise_nofile() -> tuple[int, int]:
+    from tidegate.engine.limits import raise_nofile
+
+    limits = raise_nofile()
+    return limits.soft, limits.hard
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _ms(us: float | None) -> float | None:
+    return None if us is None else round(us / 1000.0, 3)
+
+
+def _mib(value: int | None) -> str:
+    return "null" if value is None else f"{value / 1048576:.1f}"
+
+
+def _ticks_delta(a: int | None, b: int | None) -> float | None:
+    return None if a is None or b is None else round((b - a) / procstat.CLOCK_TICKS, 2)
+
+
+async def _main(args: argparse.Namespace, out: TextIO) -> int:
+    bench = Bench(args, out)
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    interrupted: list[str] = []
+
+    def on_signal(name: str) -> None:
+        interrupted.append(name)
+        if task is not None:
+            task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+    code = EXIT_SETUP
+    completed = False
+    try:
+        code = await bench.run()
+        completed = True
+    except BenchError as exc:
+        bench.failures.append(str(exc).splitlines()[0])
+        print(f"tidegate bench: {exc}", file=sys.stderr)
+        code = EXIT_SETUP
+    except asyncio.CancelledError:
+        bench.failures.append(f"interrupted ({', '.join(interrupted) or 'cancelled'})")
+        code = EXIT_INTERRUPTED
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        if not completed:
+            await bench.shutdown()
+            if bench.clients:
+                with contextlib.suppress(Exception):
+                    bench.collect_client_finals()
+        bench.write_report(completed)
+    return code
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run ``tidegate bench`` with parsed ``args``; return the exit status."""
+    if args.server_status_file and not args.target:
+        print("tidegate bench: --server-status-file goes with --target", file=sys.stderr)
+        return EXIT_SETUP
+    if args.target:
+        try:
+            parse_target(args.target)
+        except BenchError as exc:
+            print(f"tidegate bench: {exc}", file=sys.stderr)
+            return EXIT_SETUP
+    return asyncio.run(_main(args, out or sys.stdout))
