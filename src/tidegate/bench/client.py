@@ -165,8 +165,9 @@ class ClientConnection(typing.Protocol):
     ping_sent: int
     state: int
 
-    def ping(self, token_ns: int) -> None:
-        """Send a heartbeat carrying ``token_ns``; set ``ping_sent`` to it."""
+    def ping(self, token_ns: int) -> bool:
+        """Send a heartbeat carrying ``token_ns`` and set ``ping_sent`` to it; False when the
+        connection cannot send (closing)."""
 
     def close(self) -> None:
         """Close on our side: set ``state`` to CLOSING first, so the close is expected."""
@@ -200,8 +201,7 @@ class RawConnection(asyncio.Protocol):
         self.state = OPEN
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = typing.cast(asyncio.Transport, transport)
         self.stats.open += 1
 
     def data_received(self, data: bytes) -> None:
@@ -263,12 +263,13 @@ class RawConnection(asyncio.Protocol):
         self.transport = None
         self.rbuf = b""
 
-    def ping(self, token_ns: int) -> None:
+    def ping(self, token_ns: int) -> bool:
         transport = self.transport
         if transport is None or self.state != OPEN:
-            return
+            return False
         transport.write(b"\x00\x00\x00\x09\x01" + token_ns.to_bytes(8, "big"))
         self.ping_sent = token_ns
+        return True
 
     def close(self) -> None:
         if self.state == OPEN:
@@ -367,9 +368,9 @@ class PingWheel:
                 stats.missed += 1  # no PONG before its next ping
                 stats.outstanding -= 1
                 conn.ping_sent = 0
-            conn.ping(now)
-            stats.pings_sent += 1
-            stats.outstanding += 1
+            if conn.ping(now):
+                stats.pings_sent += 1
+                stats.outstanding += 1
         if gone:
             self.buckets[slot] = [conn for conn in bucket if conn.state == OPEN]
 

@@ -246,6 +246,7 @@ class Server:
     workers: list[int] = field(default_factory=list)
     restarts: int = 0
     status_history: list[dict[str, Any]] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
 
     def read_status(self) -> dict[str, Any] | None:
         if not self.status_path:
@@ -262,6 +263,7 @@ class Server:
         status = self.read_status()
         if not status or not status.get("ready"):
             return
+        self.status = status
         workers = [int(pid) for pid in status.get("workers", [])]
         if self.pid is None:
             self.pid = int(status["pid"]) if status.get("pid") else None
@@ -405,6 +407,7 @@ class Bench:
         self.keep_logs = bool(args.keep_logs)
         self.t_start = time.monotonic()
         self.phases: dict[str, float] = {}
+        self.before: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- setup
 
@@ -543,6 +546,7 @@ class Bench:
             out["pss_each"] = [procstat.pss_bytes(pid) for pid in server.workers]
             out["pss"] = procstat.sum_known(out["pss_each"])
             out["fds_each"] = [procstat.open_fds(pid) for pid in server.workers]
+        out["worker_stats"] = server.status.get("worker_stats")
         return out
 
     # ---------------------------------------------------------------- phases
@@ -565,7 +569,7 @@ class Bench:
         self.report["server_workers"] = len(server.workers) if server.workers else None
         self.report["server_supervisor_pid"] = server.pid if server.measurable else None
         self.report["server_worker_pids"] = list(server.workers) or None
-        before = self.measure_server(detailed=True)
+        before = self.before = self.measure_server(detailed=True)
         self.report["server_rss_bytes_before"] = before.get("rss")
         self.report["server_pss_bytes_before"] = before.get("pss")
         self.report["server_supervisor_rss_bytes_before"] = before.get("supervisor_rss")
@@ -725,15 +729,17 @@ class Bench:
         before_slab, held_slab = r.get("kernel_slab_bytes_before"), held.get("slab")
         r["kernel_slab_bytes_delta"] = (
             held_slab - before_slab if held_slab is not None and before_slab is not None else None)
-        fds = held.get("fds_each")
-        if fds and None not in fds:
-            # Each accepted connection is one fd of the worker holding it.
-            base = min(fds)  # idle workers hold the same handful of fds
-            r["server_worker_fds_held"] = fds
-            spread = {"min": min(fds), "max": max(fds), "mean": round(sum(fds) / len(fds), 1)}
-            spread["max_over_mean"] = round(max(fds) / spread["mean"], 4) if spread["mean"] else None
-            spread["note"] = f"open fds per worker while holding (idle baseline ~{base} or less)"
-            r["server_worker_fds_spread"] = spread
+        # Per-worker spread: each accepted connection is one more open fd of its worker.
+        fds, fds_before = held.get("fds_each"), self.before.get("fds_each")
+        if (fds and fds_before and len(fds) == len(fds_before) and None not in fds
+                and None not in fds_before and held.get("workers") == self.before.get("workers")):
+            per_worker = [a - b for a, b in zip(fds, fds_before, strict=True)]
+            r["server_worker_connections_held"] = per_worker
+            r["server_worker_connections_spread"] = _spread(per_worker)
+        # The server's own view (the status file's worker_stats, refreshed every second or so).
+        stats = held.get("worker_stats")
+        if stats:
+            r["server_reported_worker_stats_held"] = stats
         return held
 
     async def close_phase(self) -> None:
@@ -837,10 +843,14 @@ class Bench:
             last = now
         self.phases["server_settle"] = time.monotonic() - t0
         server.refresh()
-        self.report["server_worker_restarts"] = server.restarts
         after = self.measure_server(detailed=False)
+        reported = server.status.get("restarts")
+        self.report["server_worker_restarts"] = (
+            int(reported) if isinstance(reported, int) else server.restarts)
         self.report["server_rss_bytes_after"] = after.get("rss")
         self.report["kernel_tcp_sockstat_after"] = after.get("sockstat")
+        if after.get("worker_stats"):
+            self.report["server_reported_worker_stats_end"] = after["worker_stats"]
         return last
 
     async def stop_server(self, timeout: float = 60.0) -> None:
@@ -905,6 +915,9 @@ class Bench:
         for key in REQUIRED_KEYS:
             r.setdefault(key, None)
         r["completed"] = completed
+        r["client_pids"] = [c.proc.pid for c in self.clients]
+        if self.server is not None and self.server.proc is not None:
+            r["server_process_pid"] = self.server.proc.pid
         r["failures"] = list(dict.fromkeys(self.failures))
         r["ok"] = completed and not self.failures
         self.phases["total"] = time.monotonic() - self.t_start
@@ -977,6 +990,12 @@ REQUIRED_KEYS = (
     "server_marginal_bytes_per_connection", "kernel_slab_bytes_delta", "heartbeat_rtt_ms_p50",
     "heartbeat_rtt_ms_p99", "heartbeat_missed", "server_cpu_seconds",
 )
+
+
+def _spread(values: list[int]) -> dict[str, float | int]:
+    mean = sum(values) / len(values)
+    return {"min": min(values), "max": max(values), "mean": round(mean, 1),
+            "max_over_mean": round(max(values) / mean, 4) if mean else 0}
 
 
 def _ordered(report: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,426 @@
+"""`tidegate bench`: histogram and sizing units, the client's heartbeat bookkeeping, and real runs
+against real `tidegate serve` processes on loopback.
+
+No assertion here depends on how fast the machine is: only counts and the presence of figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tidegate.bench import procstat
+from tidegate.bench.client import CLOSED, OPEN, PingWheel, RawConnection, RawDriver, Stats
+from tidegate.bench.histogram import Histogram, bucket_bounds, bucket_index
+from tidegate.bench.runner import BenchError, parse_target, plan_clients
+from tidegate.protocol.heartbeat import DATA, PING, PONG, frame
+
+REQUIRED_KEYS = (
+    "connections_target", "connections_established", "connections_held", "connect_seconds",
+    "connect_rate_per_s", "hold_seconds", "unexpected_closes", "errors_total", "server_workers",
+    "server_rss_bytes_before", "server_rss_bytes_held", "server_pss_bytes_held",
+    "server_marginal_bytes_per_connection", "kernel_slab_bytes_delta", "heartbeat_rtt_ms_p50",
+    "heartbeat_rtt_ms_p99", "heartbeat_missed", "server_cpu_seconds",
+)
+
+# ------------------------------------------------------------------------------ histogram
+
+
+def test_histogram_small_values_are_exact() -> None:
+    h = Histogram()
+    h.record_many(range(1, 101))  # 1..100
+    assert h.count == 100
+    assert h.percentile(50) == 50
+    assert h.percentile(99) == 99
+    assert h.percentile(100) == 100
+    assert h.percentile(0) == 1
+    assert h.percentile(1) == 1
+    assert h.mean() == pytest.approx(50.5)
+    assert (h.min, h.max) == (1, 100)
+
+
+def test_histogram_empty_has_no_percentiles() -> None:
+    h = Histogram()
+    assert h.percentile(50) is None
+    assert h.mean() is None
+    assert h.summary()["p99"] is None
+    with pytest.raises(ValueError):
+        h.percentile(101)
+
+
+def test_histogram_percentile_picks_the_right_rank() -> None:
+    h = Histogram()
+    h.record_many([10] * 98 + [1_000_000, 2_000_000])
+    assert h.percentile(50) == 10
+    assert h.percentile(98) == 10
+    assert h.percentile(99) == pytest.approx(1_000_000, rel=1 / 64)
+    assert h.percentile(100) == 2_000_000  # clamped to the exact maximum
+
+
+def test_histogram_large_values_within_relative_error() -> None:
+    values = [int(1.37**k) + 200 for k in range(60)]
+    for v in values:
+        h = Histogram()
+        h.record(v)
+        h.record(v * 3)  # so that the median is not clamped to an exact extreme
+        h.record(v * 3 + 1)
+        assert h.percentile(1) == v  # min is exact
+        assert h.percentile(50) == pytest.approx(v * 3, rel=1 / 64)
+
+
+@given(st.integers(min_value=0, max_value=2**62))
+def test_bucket_bounds_contain_their_values(value: int) -> None:
+    low, high = bucket_bounds(bucket_index(value))
+    assert low <= value <= high
+    assert high - low <= max(0, value) / 64
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10**9), min_size=1, max_size=300),
+       st.floats(min_value=0, max_value=100))
+def test_histogram_percentile_close_to_exact(values: list[int], q: float) -> None:
+    h = Histogram()
+    h.record_many(values)
+    ordered = sorted(values)
+    rank = max(1, -(-len(values) * q // 100))
+    exact = ordered[int(rank) - 1]
+    got = h.percentile(q)
+    assert got is not None
+    assert got == pytest.approx(exact, rel=1 / 64, abs=0.5)
+
+
+def test_histogram_merge_and_round_trip() -> None:
+    a, b = Histogram(), Histogram()
+    a.record_many([1, 2, 3, 5000])
+    b.record_many([7, 9, 123_456])
+    merged = Histogram.from_dict(json.loads(json.dumps(a.to_dict())))
+    merged.merge(Histogram.from_dict(json.loads(json.dumps(b.to_dict()))))
+    whole = Histogram()
+    whole.record_many([1, 2, 3, 5000, 7, 9, 123_456])
+    assert merged.to_dict() == whole.to_dict()
+    assert merged.percentile(50) == whole.percentile(50) == 7
+    assert merged.min == 1 and merged.max == 123_456
+
+
+def test_histogram_negative_values_count_as_zero() -> None:
+    h = Histogram()
+    h.record(-5)
+    assert h.percentile(50) == 0 and h.min == 0
+
+
+# ------------------------------------------------------------------------------ sizing
+
+
+def test_plan_500k_on_a_20000_fd_limit() -> None:
+    plans = plan_clients(500_000, 20_000, cores=2)
+    assert sum(p.connections for p in plans) == 500_000
+    assert len(plans) == 27  # 19,000 fds each at most, with a reserve
+    assert max(p.connections for p in plans) <= 20_000 - 1000
+    sources = [s for p in plans for s in p.sources]
+    assert len(sources) == len(set(sources)) == 27
+    assert sources[0] == "127.0.0.2" and sources[-1] == "127.0.0.28"
+
+
+def test_plan_small_runs_use_the_cores() -> None:
+    assert len(plan_clients(2000, 20_000, cores=2)) == 1
+    assert len(plan_clients(10_000, 20_000, cores=2)) == 2
+    assert len(plan_clients(10, 20_000, clients=3, cores=2)) == 3
+
+
+def test_plan_refuses_too_few_clients() -> None:
+    with pytest.raises(BenchError):
+        plan_clients(100_000, 20_000, clients=2)
+
+
+def test_plan_gives_more_sources_than_ports_allow() -> None:
+    plans = plan_clients(100_000, 1_000_000, clients=1, port_range=(32768, 60999))
+    assert len(plans) == 1
+    assert len(plans[0].sources) == 4  # 27,232 usable ports per source address
+    plans = plan_clients(300_000, 1_000_000, clients=1, port_range=(1024, 65535))
+    # .0 and .255 are skipped
+    assert all(not s.endswith((".0", ".255")) for s in plans[0].sources)
+
+
+def test_target_must_be_loopback() -> None:
+    assert parse_target("127.0.0.1:8000") == ("127.0.0.1", 8000)
+    assert parse_target("localhost:9") == ("127.0.0.1", 9)
+    for bad in ("10.1.2.3:80", "8.8.8.8:53", "127.0.0.1", "127.0.0.1:99999"):
+        with pytest.raises(BenchError):
+            parse_target(bad)
+
+
+# ------------------------------------------------------------------------------ client pieces
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _raw_connection(stats: Stats) -> tuple[RawConnection, FakeTransport]:
+    RawConnection.stats = stats
+    conn = RawConnection()
+    transport = FakeTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    return conn, transport
+
+
+def test_raw_connection_answers_server_pings_across_split_reads() -> None:
+    stats = Stats()
+    conn, transport = _raw_connection(stats)
+    data = frame(PING, b"tok") + frame(DATA, b"x") + frame(PING, b"2")
+    for i in range(len(data)):  # one byte at a time
+        conn.data_received(data[i : i + 1])
+    assert transport.written == [frame(PONG, b"tok"), frame(PONG, b"2")]
+    assert stats.server_pings == 2 and stats.data_frames == 1
+    assert stats.rtt_us.count == 0  # server pings are not RTT samples
+
+
+def test_raw_connection_measures_rtt_from_its_own_pong() -> None:
+    stats = Stats()
+    conn, transport = _raw_connection(stats)
+    token = time.monotonic_ns()
+    assert conn.ping(token)
+    stats.outstanding += 1
+    assert transport.written == [frame(PING, token.to_bytes(8, "big"))]
+    conn.data_received(frame(PONG, (token - 1).to_bytes(8, "big")))  # not ours
+    assert stats.late_pongs == 1 and conn.ping_sent == token
+    conn.data_received(frame(PONG, token.to_bytes(8, "big")))
+    assert stats.pongs == 1 and stats.rtt_us.count == 1 and stats.outstanding == 0
+    assert conn.ping_sent == 0
+
+
+def test_raw_connection_close_kinds() -> None:
+    stats = Stats()
+    conn, _ = _raw_connection(stats)
+    conn.connection_lost(None)  # the server closed it: unexpected
+    assert stats.unexpected_closes == 1 and stats.unexpected_close_reasons == {"eof": 1}
+    conn2, transport2 = _raw_connection(stats)
+    conn2.close()
+    assert transport2.closed
+    conn2.connection_lost(ConnectionResetError())
+    assert stats.unexpected_closes == 1 and stats.open == 0 and conn2.state == CLOSED
+
+
+class WheelConn:
+    __slots__ = ("ping_sent", "state", "pings")
+
+    def __init__(self) -> None:
+        self.ping_sent = 0
+        self.state = OPEN
+        self.pings = 0
+
+    def ping(self, token_ns: int) -> bool:
+        self.ping_sent = token_ns
+        self.pings += 1
+        return True
+
+    def close(self) -> None:
+        self.state = CLOSED
+
+
+def test_ping_wheel_spreads_and_counts_missed() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        stats = Stats()
+        wheel = PingWheel(loop, stats, interval_s=1.0, pong_timeout_s=0.3, tick_s=0.1)
+        assert wheel.nbuckets == 10 and wheel.lag == 4
+        conns = [WheelConn() for _ in range(100)]
+        for c in conns:
+            wheel.add(c)
+        assert [len(b) for b in wheel.buckets] == [10] * 10  # spread evenly
+        now = 10**12
+        wheel._ping_bucket(0, now)
+        assert stats.pings_sent == 10 and stats.outstanding == 10
+        # Half answer in time.
+        for c in wheel.buckets[0][:5]:
+            c.ping_sent = 0
+            stats.outstanding -= 1
+        wheel._expire_bucket(0, now + 100_000_000)  # 0.1 s later: not timed out yet
+        assert stats.missed == 0
+        wheel._expire_bucket(0, now + 400_000_000)  # 0.4 s later: past the 0.3 s timeout
+        assert stats.missed == 5 and stats.outstanding == 0
+        # A ping unanswered when its next turn comes is missed too (timeout beyond interval).
+        wheel2 = PingWheel(loop, Stats(), interval_s=1.0, pong_timeout_s=5.0, tick_s=0.1)
+        assert wheel2.lag == 0
+        c = WheelConn()
+        wheel2.add(c)
+        wheel2._ping_bucket(0, now)
+        wheel2._ping_bucket(0, now + 10**9)
+        assert wheel2.stats.missed == 1 and c.pings == 2
+        # Closed connections are skipped and dropped from their bucket.
+        conns[0].state = CLOSED
+        wheel._ping_bucket(0, now + 10**9)
+        assert len(wheel.buckets[0]) == 9
+        assert wheel.expire_all() == 9 and stats.outstanding == 0
+    finally:
+        loop.close()
+
+
+def test_raw_driver_is_registered() -> None:
+    from tidegate.bench.client import PROTOCOLS
+
+    assert PROTOCOLS["raw"] is RawDriver
+
+
+# ------------------------------------------------------------------------------ real runs
+
+
+def _bench(tmp_path: Path, *args: str, timeout: float = 280) -> tuple[int, dict[str, Any], str]:
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tidegate", "bench", "--json", str(report), *args],
+        capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "TIDEGATE_LOG_FORMAT": "text"},
+    )
+    data = json.loads(report.read_text()) if report.exists() else {}
+    return proc.returncode, data, proc.stdout + proc.stderr
+
+
+def _assert_clean_counts(r: dict[str, Any], n: int) -> None:
+    for key in REQUIRED_KEYS:
+        assert key in r, key
+    assert r["connections_target"] == n
+    assert r["connections_established"] == n
+    assert r["connections_held"] == n
+    assert r["unexpected_closes"] == 0
+    assert r["errors_total"] == 0 and r["errors"] == {}
+    assert r["heartbeat_missed"] == 0
+    assert r["heartbeat_rtt_ms_p50"] > 0
+    assert r["heartbeat_rtt_ms_p99"] >= r["heartbeat_rtt_ms_p50"]
+    assert r["heartbeat_rtt_ms"]["count"] == r["heartbeat_pongs_received"] > 0
+    assert r["connect_seconds"] > 0 and r["connect_rate_per_s"] > 0
+    assert r["hold_seconds"] >= 0
+    assert sum(r["connect_rate_timeline_per_s"]) == n
+    assert r["kernel_slab_bytes_delta"] is not None
+    assert r["completed"] is True and r["ok"] is True and r["failures"] == []
+
+
+def test_bench_run_against_its_own_server(tmp_path: Path) -> None:
+    n = 2000
+    code, r, output = _bench(tmp_path, "--connections", str(n), "--clients", "2", "--hold", "3",
+                             "--ping-interval", "1", "--no-progress")
+    assert code == 0, output
+    _assert_clean_counts(r, n)
+    assert r["server_started_by_bench"] is True
+    assert r["client_processes"] == 2
+    assert r["source_addresses"] == ["127.0.0.2", "127.0.0.3"]
+    assert r["server_workers"] >= 1 and len(r["server_worker_pids"]) == r["server_workers"]
+    assert r["server_rss_bytes_before"] > 0 and r["server_rss_bytes_held"] > 0
+    assert r["server_pss_bytes_held"] > 0
+    expected = (r["server_rss_bytes_held"] - r["server_rss_bytes_before"]) / n
+    assert r["server_marginal_bytes_per_connection"] == pytest.approx(expected, abs=0.1)
+    assert r["server_cpu_seconds"] is not None and r["server_cpu_seconds"] >= 0
+    assert sum(r["server_worker_connections_held"]) == n
+    assert r["server_exit_code"] == 0
+    assert r["server_workers_left_running"] == []
+    # Everything it started is gone.
+    for pid in [r["server_supervisor_pid"], *r["server_worker_pids"], *r["client_pids"]]:
+        assert not procstat.alive(pid), pid
+    assert "established / held" in output  # the human summary
+
+
+def test_bench_run_with_target(tmp_path: Path, serve: Any) -> None:
+    srv = serve("--connections", "1500", "--workers", "2")
+    n = 1500
+    code, r, output = _bench(tmp_path, "--target", f"127.0.0.1:{srv.port}", "--connections",
+                             str(n), "--clients", "2", "--hold", "2", "--ping-interval", "1")
+    assert code == 0, output
+    _assert_clean_counts(r, n)
+    assert r["server_started_by_bench"] is False
+    # The bench does not know the server's processes: no made-up figures.
+    for key in ("server_workers", "server_rss_bytes_before", "server_rss_bytes_held",
+                "server_pss_bytes_held", "server_marginal_bytes_per_connection",
+                "server_cpu_seconds"):
+        assert r[key] is None, key
+    # Progress bars went to stderr.
+    assert "connecting" in output and "holding" in output
+    # The server saw them all and is still serving.
+    assert srv.proc.poll() is None
+    srv.wait_stats(lambda st: sum(w.get("accepted", 0) for w in st["worker_stats"]) >= n)
+
+
+def test_bench_target_with_status_file_measures_the_server(tmp_path: Path, serve: Any) -> None:
+    srv = serve("--connections", "1000", "--workers", "2")
+    code, r, output = _bench(tmp_path, "--target", f"127.0.0.1:{srv.port}",
+                             "--server-status-file", str(srv.status_path), "--connections", "1000",
+                             "--hold", "1", "--ping-interval", "1", "--no-progress")
+    assert code == 0, output
+    _assert_clean_counts(r, 1000)
+    assert r["server_workers"] == 2
+    assert r["server_marginal_bytes_per_connection"] is not None
+    assert r["server_cpu_seconds"] is not None
+    assert srv.proc.poll() is None  # not ours to stop
+
+
+def test_bench_refuses_off_loopback_targets(tmp_path: Path) -> None:
+    code, r, output = _bench(tmp_path, "--target", "192.0.2.1:80", "--connections", "1",
+                             timeout=60)
+    assert code == 2
+    assert "loopback" in output
+
+
+def test_bench_reports_a_server_that_is_not_there(tmp_path: Path) -> None:
+    from tidegate.bench.runner import free_port
+
+    code, r, output = _bench(tmp_path, "--target", f"127.0.0.1:{free_port()}", "--connections",
+                             "50", "--hold", "0", "--no-progress", timeout=120)
+    assert code == 1, output
+    assert r["connections_established"] == 0 and r["connections_held"] == 0
+    assert r["errors_total"] == 50 and r["errors"] == {"ECONNREFUSED": 50}
+    assert r["ok"] is False
+
+
+def test_bench_interrupted_stops_everything(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tidegate", "bench", "--json", str(report), "--connections",
+         "1000", "--hold", "120", "--ping-interval", "1", "--clients", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TIDEGATE_LOG_FORMAT": "text"},
+    )
+    holding = threading.Event()
+    err: list[str] = []
+
+    def watch() -> None:
+        assert proc.stderr is not None
+        for chunk in iter(lambda: proc.stderr.read(1), ""):  # type: ignore[union-attr]
+            err.append(chunk)
+            if "holding" in "".join(err[-200:]):
+                holding.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        assert holding.wait(180), "".join(err)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    r = json.loads(report.read_text())
+    assert r["completed"] is False and r["ok"] is False
+    assert any("interrupted" in f for f in r["failures"])
+    pids = [r["server_process_pid"], *r["server_worker_pids"], *r["client_pids"]]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(procstat.alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not [p for p in pids if procstat.alive(p)]
