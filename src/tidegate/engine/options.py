@@ -40,6 +40,10 @@ class EngineOptions:
     # A client that stops reading is closed once this much output is queued for it.
     max_write_buffer_bytes: int = 1_048_576
 
+    # TLS on every listener when both are set; SIGHUP reloads them without dropping connections.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
     # Cyclic GC: young-generation threshold (objects); start-up objects are frozen.
     gc_gen0_threshold: int = 50_000
     # How long workers get to close their connections on SIGTERM before SIGKILL.

@@ -98,6 +98,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the selector
+        signal.signal(signal.SIGHUP, self._on_hup)
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         if handoff:
             for i, sock in enumerate(self._listens):
@@ -131,6 +132,12 @@ class Supervisor:
         if not self.stopping:
             _log.info("stopping", extra={"signal": signal.Signals(signum).name})
         self.stopping = True
+
+    def _on_hup(self, _signum: int, _frame: Any) -> None:
+        _log.info("SIGHUP: workers reload their TLS certificate")
+        for slot in self.slots:
+            if slot.pid:
+                _kill(slot.pid, signal.SIGHUP)
 
     def _spawn(self, slot: WorkerSlot) -> None:
         parent_end, child_end = control.pair()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tidegate import log
-from tidegate.engine import control, gc_control
+from tidegate.engine import control, gc_control, tls
 from tidegate.engine.conn import CLOSING, PING_OUT, READY, Conn
 from tidegate.engine.handler import EventHandler
 from tidegate.engine.limits import raise_nofile
@@ -89,6 +89,7 @@ class Worker:
         self.stopping = False
         self._stopped = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
+        self.ssl_context = tls.server_context(opts)
         self._t0 = 0.0
         self._last_stats = 0.0
 
@@ -253,7 +254,7 @@ class Worker:
 
     async def _adopt(self, sock: socket.socket, conn_class: type[Conn]) -> None:
         try:
-            await self.loop.connect_accepted_socket(conn_class, sock)
+            await self.loop.connect_accepted_socket(conn_class, sock, ssl=self.ssl_context)
         except OSError:
             sock.close()
 
@@ -280,7 +281,9 @@ class Worker:
         for port, conn_class in zip(listen_ports or [], self.conn_classes, strict=False):
             sock = listening_socket(self.opts, port, reuseport=True)
             self._servers.append(
-                await self.loop.create_server(conn_class, sock=sock, backlog=self.opts.backlog)
+                await self.loop.create_server(
+                    conn_class, sock=sock, backlog=self.opts.backlog, ssl=self.ssl_context
+                )
             )
         if self.ctrl is not None:
             self.ctrl.setblocking(False)
@@ -293,6 +296,15 @@ class Worker:
         self.loop.call_at(self._t0 + self.opts.tick_s, self._tick)
         await self._stopped.wait()
         await self._shutdown()
+
+    def reload_tls(self) -> None:
+        """Load the certificate and key again: new handshakes use them, open connections stay."""
+        if self.ssl_context is not None:
+            try:
+                tls.reload(self.ssl_context, self.opts)
+                _log.info("tls certificate reloaded")
+            except (OSError, ValueError) as exc:
+                _log.error("tls reload failed; keeping the old certificate", extra={"error": str(exc)})
 
     def stop(self) -> None:
         if not self.stopping:
@@ -329,6 +341,7 @@ def run_worker(
     asyncio.set_event_loop(loop)
     worker = Worker(opts, handlers, index, ctrl)
     loop.add_signal_handler(signal.SIGTERM, worker.stop)
+    loop.add_signal_handler(signal.SIGHUP, worker.reload_tls)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
     try:
         loop.run_until_complete(worker.serve(listen_ports))
