@@ -14,13 +14,22 @@ READY = b"R"
 STATS = b"S"
 FDS = b"F"  # body: one byte, the index of the listener the sockets were accepted on
 RELAY = b"B"  # worker -> supervisor -> every other worker, body passed through untouched
+TO = b"T"  # worker -> supervisor -> one worker: body = 2-byte target index + payload
 _JSON_KINDS = (READY, STATS)
 MAX_FDS_PER_MESSAGE = 64
-_MAX_MSG = 1 << 20  # relayed publications can be up to the max frame size
+_MAX_MSG = 8 << 20  # relayed history replies can hold many publications
+_SOCK_BUF = 8 << 20
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
-    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (a, b):
+        for opt, force in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):  # *BUFFORCE
+            try:
+                s.setsockopt(socket.SOL_SOCKET, force, _SOCK_BUF)
+            except OSError:  # not root: as much as net.core.[rw]mem_max allows
+                s.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
+    return a, b
 
 
 def send_json(sock: socket.socket, kind: bytes, body: dict[str, Any]) -> None:

@@ -150,7 +150,9 @@ class Supervisor:
                 from tidegate.engine.worker import run_worker
 
                 ports = None if self.opts.balance == "handoff" else self.ports
-                code = run_worker(self.opts, self.handler_factory(), slot.index, child_end, ports)
+                code = run_worker(
+                    self.opts, self.handler_factory, slot.index, len(self.slots), child_end, ports
+                )
             except BaseException:
                 _log.exception("worker crashed", extra={"worker": slot.index})
             finally:
@@ -215,6 +217,10 @@ class Supervisor:
                 for other in self.slots:
                     if other is not slot and other.ctrl is not None:
                         self._send(other, control.RELAY + body)
+            elif kind == control.TO:
+                target = int.from_bytes(body[:2], "big")
+                if target < len(self.slots):
+                    self._send(self.slots[target], control.TO + body[2:])
             elif kind == control.READY:
                 slot.ready = True
                 _log.info("worker ready", extra={"worker": slot.index, "worker_pid": slot.pid})

@@ -24,6 +24,13 @@ from tidegate.protocol.codec import FrameError
 from tidegate.protocol.length_prefixed import LengthPrefixedCodec
 
 _log = log.get("worker")
+# Where this process sits among the workers, for handler factories (set before they run).
+_current: dict[str, Any] = {"index": 0, "workers_total": 1, "ctrl": None}
+
+
+def current_worker_index() -> tuple[int, int]:
+    """(index, workers_total) of the worker process calling it."""
+    return int(_current["index"]), int(_current["workers_total"])
 STATS_INTERVAL_S = 1.0
 
 
@@ -36,8 +43,10 @@ class Worker:
         handlers: EventHandler | list[EventHandler],
         index: int = 0,
         ctrl: socket.socket | None = None,
+        workers_total: int = 1,
     ) -> None:
         self.opts = opts
+        self.workers_total = workers_total
         # One handler per listening port (opts.port, then opts.extra_ports).
         self.handlers = handlers if isinstance(handlers, list) else [handlers]
         self.handler = self.handlers[0]
@@ -331,15 +340,17 @@ class Worker:
 
 def run_worker(
     opts: EngineOptions,
-    handlers: EventHandler | list[EventHandler],
+    handler_factory: Callable[[], EventHandler | list[EventHandler]],
     index: int,
+    workers_total: int,
     ctrl: socket.socket | None,
     listen_ports: list[int] | None,
 ) -> int:
     """Entry point of a worker process (after fork)."""
     loop = new_event_loop(opts.loop)
     asyncio.set_event_loop(loop)
-    worker = Worker(opts, handlers, index, ctrl)
+    _current.update(index=index, workers_total=workers_total, ctrl=ctrl)
+    worker = Worker(opts, handler_factory(), index, ctrl, workers_total)
     loop.add_signal_handler(signal.SIGTERM, worker.stop)
     loop.add_signal_handler(signal.SIGHUP, worker.reload_tls)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM

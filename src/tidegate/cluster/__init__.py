@@ -1,0 +1,1 @@
+"""Brokers that join processes: the workers of one node (IPC), and nodes (Redis, later)."""

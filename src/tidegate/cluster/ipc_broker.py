@@ -1,0 +1,206 @@
+"""The embedded broker of one node: channels shared by all worker processes, no Redis.
+
+Each channel has one **owner** worker (a hash of its name): the owner keeps its history
+(offsets, epoch) and presence, so a stream's offsets come from one place. Publications travel
+as one control message to the supervisor, which relays it to every other worker; each worker
+fans it out to its own subscribers with the frame encoded once.
+
+Requests to an owner (publish with history, history, recover, presence) and their replies go
+through the supervisor too (``control.TO``). Both ends are our own processes, so messages are
+pickled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import pickle
+import zlib
+from typing import TYPE_CHECKING, Any
+
+from tidegate import log
+from tidegate.engine import control
+from tidegate.gateway.broker import Broker, BrokerEventHandler, MemoryBroker
+from tidegate.gateway.history import RecoveryResult
+from tidegate.gateway.messages import ClientInfo, HistoryResult, Publication
+
+if TYPE_CHECKING:
+    from tidegate.engine.worker import Worker
+
+_log = log.get("ipc_broker")
+REQUEST_TIMEOUT_S = 5.0
+
+
+class BrokerUnavailable(Exception):
+    """The channel's owner did not answer in time (it may be restarting)."""
+
+
+def owner_of(channel: str, workers: int) -> int:
+    return zlib.crc32(channel.encode()) % workers
+
+
+class IpcBroker(Broker):
+    inline = False
+
+    def __init__(self, index: int, workers: int, history_meta_ttl_s: float = 30 * 24 * 3600.0):
+        self.index = index
+        self.workers = workers
+        # What this worker owns lives in an in-process broker; its deliveries go everywhere.
+        self.local = MemoryBroker(history_meta_ttl_s)
+        self.local.register(_Deliver(self))
+        self._handler: BrokerEventHandler | None = None
+        self._worker: Worker | None = None
+        self._rids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+
+    def attach(self, worker: Worker) -> None:
+        """Start receiving: called in the worker once its control channel is up."""
+        self._worker = worker
+        worker.on_control(control.RELAY, self._on_relay)
+        worker.on_control(control.TO, self._on_direct)
+
+    def register(self, handler: BrokerEventHandler) -> None:
+        self._handler = handler
+
+    # ---- sending ----------------------------------------------------------------------
+    def _relay(self, msg: tuple[Any, ...]) -> None:
+        if self._worker is not None and self.workers > 1:
+            self._worker.send_control(control.RELAY, pickle.dumps(msg, pickle.HIGHEST_PROTOCOL))
+
+    def _deliver_everywhere(self, kind: str, channel: str, obj: Any) -> None:
+        self._deliver_here(kind, channel, obj)
+        self._relay((kind, channel, obj))
+
+    def _deliver_here(self, kind: str, channel: str, obj: Any) -> None:
+        h = self._handler
+        if h is None:
+            return
+        if kind == "pub":
+            h.handle_publication(channel, obj)
+        elif kind == "join":
+            h.handle_join(channel, obj)
+        else:
+            h.handle_leave(channel, obj)
+
+    async def _call(self, channel: str, method: str, *args: Any, **kw: Any) -> Any:
+        """Run ``self.local.<method>`` on the channel's owner, here or over IPC."""
+        owner = owner_of(channel, self.workers)
+        fn = getattr(self.local, method)
+        if owner == self.index or self._worker is None:
+            return await fn(channel, *args, **kw)
+        rid = next(self._rids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        body = pickle.dumps((rid, self.index, method, channel, args, kw), pickle.HIGHEST_PROTOCOL)
+        try:
+            if not self._worker.send_control(control.TO, owner.to_bytes(2, "big") + body):
+                raise BrokerUnavailable(f"cannot reach worker {owner}")
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                return await fut
+        except TimeoutError:
+            raise BrokerUnavailable(f"worker {owner} did not answer {method}") from None
+        finally:
+            self._pending.pop(rid, None)
+
+    # ---- receiving --------------------------------------------------------------------
+    def _on_relay(self, body: bytes) -> None:
+        kind, channel, obj = pickle.loads(body)
+        self._deliver_here(kind, channel, obj)
+
+    def _on_direct(self, body: bytes) -> None:
+        msg = pickle.loads(body)
+        if msg[1] is None:  # a reply: (rid, None, ok, value)
+            fut = self._pending.get(msg[0])
+            if fut is not None and not fut.done():
+                if msg[2]:
+                    fut.set_result(msg[3])
+                else:
+                    fut.set_exception(msg[3])
+            return
+        asyncio.get_running_loop().create_task(self._serve(msg))
+
+    async def _serve(self, msg: tuple[Any, ...]) -> None:
+        rid, origin, method, channel, args, kw = msg
+        try:
+            reply = (rid, None, True, await getattr(self.local, method)(channel, *args, **kw))
+        except Exception as exc:  # the caller gets the same exception (e.g. Unrecoverable)
+            reply = (rid, None, False, exc)
+        if self._worker is not None:
+            data = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
+            self._worker.send_control(control.TO, origin.to_bytes(2, "big") + data)
+
+    # ---- Broker -------------------------------------------------------------------------
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        json_data: bytes | None,
+        *,
+        info: ClientInfo | None = None,
+        tags: dict[str, str] | None = None,
+        history_size: int = 0,
+        history_ttl_s: float = 0.0,
+    ) -> Publication:
+        kw = dict(info=info, tags=tags, history_size=history_size, history_ttl_s=history_ttl_s)
+        if history_size > 0 and history_ttl_s > 0:
+            pub: Publication = await self._call(channel, "publish", data, json_data, **kw)
+            return pub
+        # No stream: no owner needed, deliver from here.
+        return await self.local.publish(channel, data, json_data, **kw)  # type: ignore[arg-type]
+
+    async def publish_join(self, channel: str, info: ClientInfo) -> None:
+        self._deliver_everywhere("join", channel, info)
+
+    async def publish_leave(self, channel: str, info: ClientInfo) -> None:
+        self._deliver_everywhere("leave", channel, info)
+
+    async def subscribe(self, channel: str) -> None:
+        return None  # every worker receives every relay; the hub drops what it has no use for
+
+    async def unsubscribe(self, channel: str) -> None:
+        return None
+
+    async def history(self, channel: str, **kw: Any) -> HistoryResult:
+        result: HistoryResult = await self._call(channel, "history", **kw)
+        return result
+
+    async def recover(self, channel: str, since_offset: int, epoch: str, **kw: Any) -> RecoveryResult:
+        result: RecoveryResult = await self._call(channel, "recover", since_offset, epoch, **kw)
+        return result
+
+    async def remove_history(self, channel: str) -> None:
+        await self._call(channel, "remove_history")
+
+    async def add_presence(self, channel: str, info: ClientInfo) -> None:
+        await self._call(channel, "add_presence", info)
+
+    async def remove_presence(self, channel: str, client: str) -> None:
+        await self._call(channel, "remove_presence", client)
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        result: dict[str, ClientInfo] = await self._call(channel, "presence")
+        return result
+
+    async def presence_stats(self, channel: str) -> tuple[int, int]:
+        result: tuple[int, int] = await self._call(channel, "presence_stats")
+        return result
+
+
+class _Deliver:
+    """The local store's event handler: what the owner stores is delivered on every worker."""
+
+    __slots__ = ("broker",)
+
+    def __init__(self, broker: IpcBroker) -> None:
+        self.broker = broker
+
+    def handle_publication(self, channel: str, pub: Publication) -> None:
+        self.broker._deliver_everywhere("pub", channel, pub)
+
+    def handle_join(self, channel: str, info: ClientInfo) -> None:
+        self.broker._deliver_everywhere("join", channel, info)
+
+    def handle_leave(self, channel: str, info: ClientInfo) -> None:
+        self.broker._deliver_everywhere("leave", channel, info)
+
+
