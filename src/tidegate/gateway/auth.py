@@ -61,9 +61,12 @@ def b64url_decode(part: str) -> bytes:
     if len(part) % 4 == 1 or not _B64URL.fullmatch(part):
         raise InvalidToken("bad base64url")
     try:
-        return base64.b64decode(part.translate(_TO_STD) + "=" * (-len(part) % 4), validate=True)
+        raw = base64.b64decode(part.translate(_TO_STD) + "=" * (-len(part) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidToken("bad base64url") from None
+    if b64url_encode(raw) != part:  # non-zero unused trailing bits: a second spelling
+        raise InvalidToken("non-canonical base64url")
+    return raw
 
 
 def b64url_encode(raw: bytes) -> str:
@@ -84,7 +87,9 @@ def _secret_bytes(secret: str | bytes) -> bytes:
     return secret.encode("utf-8") if isinstance(secret, str) else secret
 
 
-def encode_hs256(claims: dict[str, Any], secret: str | bytes, header: dict[str, Any] | None = None) -> str:
+def encode_hs256(
+    claims: dict[str, Any], secret: str | bytes, header: dict[str, Any] | None = None
+) -> str:
     """Mint an HS256 token (tests, examples, dev tools)."""
     hdr = header if header is not None else {"alg": "HS256", "typ": "JWT"}
     signing_input = (
@@ -205,4 +210,6 @@ def verify_subscription_token(
     channel = claims.get("channel")
     if type(channel) is not str or not channel:
         raise InvalidToken("a subscription token needs a channel claim")
-    return SubscriptionToken(user=_sub(claims), channel=channel, exp=_exp(claims), info=_info(claims))
+    return SubscriptionToken(
+        user=_sub(claims), channel=channel, exp=_exp(claims), info=_info(claims)
+    )

@@ -13,10 +13,12 @@ byte concatenation once per publication (the hub shares the result between subsc
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from tidegate.gateway.codes import ProtocolError
 from tidegate.gateway.messages import (
+    METHOD_NAMES,
     ChannelRequest,
     ClientInfo,
     Command,
@@ -177,42 +179,24 @@ def _history_request(d: dict[str, Any]) -> HistoryRequest:
     )
 
 
-def _request(method: Method, d: dict[str, Any]) -> Request:
-    if method is Method.CONNECT:
-        return _connect_request(d)
-    if method is Method.SUBSCRIBE:
-        return _subscribe_request(d)
-    if method is Method.PUBLISH:
-        return PublishRequest(_str(d, "channel"), _data(d, "data"))
-    if method in (Method.UNSUBSCRIBE, Method.PRESENCE, Method.PRESENCE_STATS):
-        return ChannelRequest(_str(d, "channel"))
-    if method is Method.HISTORY:
-        return _history_request(d)
-    if method is Method.RPC:
-        return RPCRequest(_str(d, "method"), _data(d, "data"))
-    if method is Method.SEND:
-        return SendRequest(_data(d, "data"))
-    if method is Method.REFRESH:
-        return RefreshRequest(_str(d, "token"))
-    if method is Method.SUB_REFRESH:
-        return SubRefreshRequest(_str(d, "channel"), _str(d, "token"))
-    return PingRequest()
-
-
-_METHOD_KEYS: tuple[tuple[str, Method], ...] = (
-    ("connect", Method.CONNECT),
-    ("subscribe", Method.SUBSCRIBE),
-    ("unsubscribe", Method.UNSUBSCRIBE),
-    ("publish", Method.PUBLISH),
-    ("presence", Method.PRESENCE),
-    ("presence_stats", Method.PRESENCE_STATS),
-    ("history", Method.HISTORY),
-    ("ping", Method.PING),
-    ("send", Method.SEND),
-    ("rpc", Method.RPC),
-    ("refresh", Method.REFRESH),
-    ("sub_refresh", Method.SUB_REFRESH),
-)
+# method key -> (Method, parser of its params object). A dict: Enum attribute access is slow.
+_PARSERS: dict[str, tuple[Method, Callable[[dict[str, Any]], Request]]] = {
+    "connect": (Method.CONNECT, _connect_request),
+    "subscribe": (Method.SUBSCRIBE, _subscribe_request),
+    "unsubscribe": (Method.UNSUBSCRIBE, lambda d: ChannelRequest(_str(d, "channel"))),
+    "publish": (Method.PUBLISH, lambda d: PublishRequest(_str(d, "channel"), _data(d, "data"))),
+    "presence": (Method.PRESENCE, lambda d: ChannelRequest(_str(d, "channel"))),
+    "presence_stats": (Method.PRESENCE_STATS, lambda d: ChannelRequest(_str(d, "channel"))),
+    "history": (Method.HISTORY, _history_request),
+    "ping": (Method.PING, lambda d: PingRequest()),
+    "send": (Method.SEND, lambda d: SendRequest(_data(d, "data"))),
+    "rpc": (Method.RPC, lambda d: RPCRequest(_str(d, "method"), _data(d, "data"))),
+    "refresh": (Method.REFRESH, lambda d: RefreshRequest(_str(d, "token"))),
+    "sub_refresh": (
+        Method.SUB_REFRESH,
+        lambda d: SubRefreshRequest(_str(d, "channel"), _str(d, "token")),
+    ),
+}
 
 
 def _command(obj: Any) -> Command:
@@ -220,18 +204,23 @@ def _command(obj: Any) -> Command:
         raise _bad("a command must be a JSON object")
     if not obj:
         return PONG_COMMAND
-    cmd_id = _int(obj, "id", 0, _MAX_UINT32)
-    found: Method | None = None
+    cmd_id = 0
+    found: tuple[Method, Callable[[dict[str, Any]], Request]] | None = None
     params: Any = None
-    for key, method in _METHOD_KEYS:
-        if key in obj:
-            if found is not None:
-                raise _bad("a command must hold one request")
-            found = method
-            params = obj[key]
+    for key, value in obj.items():
+        if key == "id":
+            cmd_id = _int(obj, "id", 0, _MAX_UINT32)
+            continue
+        entry = _PARSERS.get(key)
+        if entry is None:
+            continue  # unknown fields are ignored, as protobuf's JSON mapping does
+        if found is not None:
+            raise _bad("a command must hold one request")
+        found, params = entry, value
     if found is None:
         return PONG_COMMAND if cmd_id == 0 else Command(cmd_id, None, None)
-    return Command(cmd_id, found, _request(found, _obj(params, "request")))
+    method, parse = found
+    return Command(cmd_id, method, parse(_obj(params, "request")))
 
 
 # ---- encoding helpers --------------------------------------------------------------------
@@ -297,6 +286,9 @@ def _sub_result(r: SubscribeResult) -> bytes:
     return b"{" + b",".join(out) + b"}"
 
 
+_RESULT_KEYS = {m: METHOD_NAMES[m].encode() for m in Method}
+
+
 class JsonCodec:
     """Stateless; one shared instance (:data:`JSON_CODEC`) serves every JSON connection."""
 
@@ -304,7 +296,8 @@ class JsonCodec:
 
     name = "json"
     binary = False  # WebSocket text frames
-    ping = PING
+    ping = PING  # the server's ping: an empty reply
+    pong = PING  # the client's pong: an empty command (same bytes)
 
     # ---- client -> server
     def decode_commands(self, data: bytes) -> list[Command]:
@@ -343,7 +336,7 @@ class JsonCodec:
 
     def encode_empty_result(self, cmd_id: int, method: Method) -> bytes:
         """unsubscribe / publish / ping results carry no fields."""
-        return b'{"id":%d,"%s":{}}' % (cmd_id, method.name.lower().encode())
+        return b'{"id":%d,"%s":{}}' % (cmd_id, _RESULT_KEYS[method])
 
     def encode_connect(self, cmd_id: int, r: ConnectResult) -> bytes:
         out = [b'"client":' + _s(r.client)]

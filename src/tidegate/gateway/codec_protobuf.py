@@ -13,7 +13,7 @@ the SDKs look for the result field of a reply.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from tidegate.gateway.codes import ProtocolError
 from tidegate.gateway.messages import (
@@ -82,7 +82,9 @@ def read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
             raise ProtocolError("varint too long")
 
 
-def decode_fields(buf: bytes, pos: int = 0, end: int = -1) -> Iterator[tuple[int, int, int | bytes]]:
+def decode_fields(
+    buf: bytes, pos: int = 0, end: int = -1
+) -> Iterator[tuple[int, int, int | bytes]]:
     """``(field_number, wire_type, value)`` for each field; LEN values are bytes, others ints."""
     if end < 0:
         end = len(buf)
@@ -252,32 +254,51 @@ def _strings(buf: bytes, *names: str) -> dict[int, int | bytes]:
     return out
 
 
-def _request(method: Method, buf: bytes) -> Request:
-    if method is Method.CONNECT:
-        return _connect_request(buf)
-    if method is Method.SUBSCRIBE:
-        return _subscribe_request(buf)
-    if method is Method.PUBLISH:
-        f = _strings(buf, "channel", "data")
-        return PublishRequest(_s(f.get(1, b"")), _b(f.get(2, b"")))
-    if method in (Method.UNSUBSCRIBE, Method.PRESENCE, Method.PRESENCE_STATS):
-        f = _strings(buf, "channel")
-        return ChannelRequest(_s(f.get(1, b"")))
-    if method is Method.HISTORY:
-        return _history_request(buf)
-    if method is Method.RPC:
-        f = _strings(buf, "data", "method")
-        return RPCRequest(method=_s(f.get(2, b"")), data=_b(f.get(1, b"")))
-    if method is Method.SEND:
-        f = _strings(buf, "data")
-        return SendRequest(_b(f.get(1, b"")))
-    if method is Method.REFRESH:
-        f = _strings(buf, "token")
-        return RefreshRequest(_s(f.get(1, b"")))
-    if method is Method.SUB_REFRESH:
-        f = _strings(buf, "channel", "token")
-        return SubRefreshRequest(_s(f.get(1, b"")), _s(f.get(2, b"")))
+def _publish_request(buf: bytes) -> PublishRequest:
+    f = _strings(buf, "channel", "data")
+    return PublishRequest(_s(f.get(1, b"")), _b(f.get(2, b"")))
+
+
+def _channel_request(buf: bytes) -> ChannelRequest:
+    return ChannelRequest(_s(_strings(buf, "channel").get(1, b"")))
+
+
+def _rpc_request(buf: bytes) -> RPCRequest:
+    f = _strings(buf, "data", "method")
+    return RPCRequest(method=_s(f.get(2, b"")), data=_b(f.get(1, b"")))
+
+
+def _send_request(buf: bytes) -> SendRequest:
+    return SendRequest(_b(_strings(buf, "data").get(1, b"")))
+
+
+def _refresh_request(buf: bytes) -> RefreshRequest:
+    return RefreshRequest(_s(_strings(buf, "token").get(1, b"")))
+
+
+def _sub_refresh_request(buf: bytes) -> SubRefreshRequest:
+    f = _strings(buf, "channel", "token")
+    return SubRefreshRequest(_s(f.get(1, b"")), _s(f.get(2, b"")))
+
+
+def _ping_request(buf: bytes) -> PingRequest:
     return PingRequest()
+
+
+_PARSERS: dict[Method, Callable[[bytes], Request]] = {
+    Method.CONNECT: _connect_request,
+    Method.SUBSCRIBE: _subscribe_request,
+    Method.UNSUBSCRIBE: _channel_request,
+    Method.PUBLISH: _publish_request,
+    Method.PRESENCE: _channel_request,
+    Method.PRESENCE_STATS: _channel_request,
+    Method.HISTORY: _history_request,
+    Method.PING: _ping_request,
+    Method.SEND: _send_request,
+    Method.RPC: _rpc_request,
+    Method.REFRESH: _refresh_request,
+    Method.SUB_REFRESH: _sub_refresh_request,
+}
 
 
 _METHODS = {m.value: m for m in Method}
@@ -302,7 +323,7 @@ def _command(buf: bytes) -> Command:
             params = _b(v)
     if method is None:
         return PONG_COMMAND if cmd_id == 0 else Command(cmd_id, None, None)
-    return Command(cmd_id, method, _request(method, params))
+    return Command(cmd_id, method, _PARSERS[method](params))
 
 
 # ---- encoding -----------------------------------------------------------------------------
@@ -417,7 +438,8 @@ class ProtobufCodec:
 
     name = "protobuf"
     binary = True  # WebSocket binary frames
-    ping = PING
+    ping = PING  # the server's ping: an empty reply
+    pong = PING  # the client's pong: an empty command (same bytes)
 
     # ---- client -> server
     def decode_commands(self, data: bytes) -> list[Command]:

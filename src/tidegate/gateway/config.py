@@ -126,6 +126,9 @@ class GatewayConfig:
     # heartbeats (server pings, client pongs)
     ping_interval_s: float = 25.0
     pong_timeout_s: float = 8.0
+    # an expired connection/subscription token gets this long to be refreshed before the
+    # connection is closed (3005) / the subscription dropped (unsubscribe 2501)
+    expired_close_delay_s: float = 25.0
     # history/recovery limits
     history_max_publications_per_request: int = 300
     recovery_max_publications: int = 300
@@ -214,7 +217,9 @@ def _channel_options(where: str, table: Any) -> ChannelOptions:
     return ChannelOptions(**kwargs)
 
 
-def config_from_mapping(data: Mapping[str, Any], base: GatewayConfig | None = None) -> GatewayConfig:
+def config_from_mapping(
+    data: Mapping[str, Any], base: GatewayConfig | None = None
+) -> GatewayConfig:
     """A config from a parsed TOML document (``[gateway]`` table or top level) over ``base``."""
     table = data.get("gateway", data)
     if type(table) is not dict:
@@ -231,7 +236,6 @@ def config_from_mapping(data: Mapping[str, Any], base: GatewayConfig | None = No
                 name: _channel_options(f"namespaces.{name}", opts) for name, opts in value.items()
             }
         elif key in _GATEWAY_FIELDS:
-            f = _GATEWAY_FIELDS[key]
             default = getattr(base, key)
             changes[key] = _coerce(key, value, default)
         elif table is data:

@@ -141,7 +141,9 @@ class HistoryStore:
 
     __slots__ = ("streams", "meta_ttl_ms", "clock")
 
-    def __init__(self, meta_ttl_s: float = 30 * 24 * 3600.0, clock: Callable[[], float] = time.time):
+    def __init__(
+        self, meta_ttl_s: float = 30 * 24 * 3600.0, clock: Callable[[], float] = time.time
+    ):
         self.streams: dict[str, Stream] = {}
         self.meta_ttl_ms = int(meta_ttl_s * 1000)
         self.clock = clock
