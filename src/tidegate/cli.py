@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 import tomllib
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from tidegate.engine.options import EngineOptions
 APPS = {
     "echo": "tidegate.apps.echo:EchoHandler",
 }
+GATEWAY = "gateway"
 
 
 def _load_factory(spec: str) -> Callable[[], EventHandler | list[EventHandler]]:
@@ -29,7 +31,8 @@ def _load_factory(spec: str) -> Callable[[], EventHandler | list[EventHandler]]:
 
 def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML file; its [engine] table sets engine options")
-    p.add_argument("--app", default="echo", help="built-in app (echo) or module:Handler")
+    p.add_argument("--app", default=GATEWAY,
+                   help="gateway (default), echo (the raw heartbeat protocol), or module:Handler")
     for f in dataclasses.fields(EngineOptions):
         flag = "--" + f.name.replace("_", "-")
         kind = {"int": int, "float": float, "str": str}.get(str(f.type))
@@ -38,18 +41,25 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default {f.default})")
     p.add_argument("--connections", dest="connections_target", type=int, default=None,
                    help="alias of --connections-target: the load workers are sized for")
+    p.add_argument("--tcp-port", dest="tcp_port", type=int, default=None,
+                   help="gateway: raw TCP client port (default 8001, TIDEGATE_TCP_PORT)")
 
 
-def engine_options(args: argparse.Namespace) -> EngineOptions:
+def engine_options(args: argparse.Namespace, gateway: Any = None) -> EngineOptions:
+    """File ([engine] table), then what the gateway config decides, then flags."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         with open(args.config, "rb") as fh:
             values.update(tomllib.load(fh).get("engine", {}))
+    opts = EngineOptions(**values)
+    if gateway is not None:
+        from tidegate.server.app import engine_options_for
+
+        opts = engine_options_for(gateway, opts)
     for f in dataclasses.fields(EngineOptions):
         v = getattr(args, f.name, None)
         if v is not None:
-            values[f.name] = v
-    opts = EngineOptions(**values)
+            setattr(opts, f.name, v)
     opts.validate()
     return opts
 
@@ -57,7 +67,18 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
 def _serve(args: argparse.Namespace) -> int:
     from tidegate.engine import run
 
-    return run(_load_factory(args.app), engine_options(args))
+    if args.app != GATEWAY:
+        return run(_load_factory(args.app), engine_options(args))
+    from tidegate.gateway.config import load_config
+    from tidegate.server.app import factory
+
+    config = load_config(args.config, os.environ)
+    if args.tcp_port is not None:
+        config = dataclasses.replace(config, tcp_port=args.tcp_port)
+    opts = engine_options(args, config)
+    if opts.port != config.port:  # --port given: the gateway follows the engine
+        config = dataclasses.replace(config, port=opts.port)
+    return run(factory(config), opts)
 
 
 def build_parser() -> argparse.ArgumentParser:

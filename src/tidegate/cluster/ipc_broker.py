@@ -13,9 +13,11 @@ pickled.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import pickle
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tidegate import log
@@ -52,6 +54,13 @@ class IpcBroker(Broker):
         self._worker: Worker | None = None
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        # Callables other workers may run here by name: the owned stores' methods, plus what
+        # the node registers (API actions on local sessions, per-worker counts).
+        self._services: dict[str, Callable[..., Any]] = {
+            name: getattr(self.local, name)
+            for name in ("publish", "history", "recover", "remove_history", "add_presence",
+                         "remove_presence", "presence", "presence_stats")
+        }
 
     def attach(self, worker: Worker) -> None:
         """Start receiving: called in the worker once its control channel is up."""
@@ -82,25 +91,36 @@ class IpcBroker(Broker):
         else:
             h.handle_leave(channel, obj)
 
+    def register_service(self, name: str, fn: Callable[..., Any]) -> None:
+        """Let any worker run ``fn`` here through :meth:`call` / :meth:`call_all`."""
+        self._services[name] = fn
+
     async def _call(self, channel: str, method: str, *args: Any, **kw: Any) -> Any:
-        """Run ``self.local.<method>`` on the channel's owner, here or over IPC."""
-        owner = owner_of(channel, self.workers)
-        fn = getattr(self.local, method)
-        if owner == self.index or self._worker is None:
-            return await fn(channel, *args, **kw)
+        """Run a store method on the channel's owner, here or over IPC."""
+        return await self.call(owner_of(channel, self.workers), method, channel, *args, **kw)
+
+    async def call(self, target: int, name: str, *args: Any, **kw: Any) -> Any:
+        """Run service ``name`` on worker ``target`` and return its result (or raise its error)."""
+        if target == self.index or self._worker is None:
+            return await _result(self._services[name](*args, **kw))
         rid = next(self._rids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        body = pickle.dumps((rid, self.index, method, channel, args, kw), pickle.HIGHEST_PROTOCOL)
+        body = pickle.dumps((rid, self.index, name, args, kw), pickle.HIGHEST_PROTOCOL)
         try:
-            if not self._worker.send_control(control.TO, owner.to_bytes(2, "big") + body):
-                raise BrokerUnavailable(f"cannot reach worker {owner}")
+            if not self._worker.send_control(control.TO, target.to_bytes(2, "big") + body):
+                raise BrokerUnavailable(f"cannot reach worker {target}")
             async with asyncio.timeout(REQUEST_TIMEOUT_S):
                 return await fut
         except TimeoutError:
-            raise BrokerUnavailable(f"worker {owner} did not answer {method}") from None
+            raise BrokerUnavailable(f"worker {target} did not answer {name}") from None
         finally:
             self._pending.pop(rid, None)
+
+    async def call_all(self, name: str, *args: Any, **kw: Any) -> list[Any]:
+        """Run service ``name`` on every worker; results in worker order (errors included)."""
+        coros = [self.call(i, name, *args, **kw) for i in range(self.workers)]
+        return list(await asyncio.gather(*coros, return_exceptions=True))
 
     # ---- receiving --------------------------------------------------------------------
     def _on_relay(self, body: bytes) -> None:
@@ -120,9 +140,9 @@ class IpcBroker(Broker):
         asyncio.get_running_loop().create_task(self._serve(msg))
 
     async def _serve(self, msg: tuple[Any, ...]) -> None:
-        rid, origin, method, channel, args, kw = msg
+        rid, origin, name, args, kw = msg
         try:
-            reply = (rid, None, True, await getattr(self.local, method)(channel, *args, **kw))
+            reply = (rid, None, True, await _result(self._services[name](*args, **kw)))
         except Exception as exc:  # the caller gets the same exception (e.g. Unrecoverable)
             reply = (rid, None, False, exc)
         if self._worker is not None:
@@ -184,6 +204,10 @@ class IpcBroker(Broker):
     async def presence_stats(self, channel: str) -> tuple[int, int]:
         result: tuple[int, int] = await self._call(channel, "presence_stats")
         return result
+
+
+async def _result(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
 
 
 class _Deliver:

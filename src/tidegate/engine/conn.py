@@ -98,6 +98,14 @@ class Conn(asyncio.BufferedProtocol):
         w = self._w
         return w.in_end - w.in_pos
 
+    def inbound(self) -> tuple[bytearray, int, int]:
+        """``(buf, pos, end)``: the unread bytes for sans-I/O parsers; valid in on_traffic.
+
+        Parse from ``buf[pos:end]`` and ``discard`` what you consumed.
+        """
+        w = self._w
+        return w.read_buf, w.in_pos, w.in_end
+
     def peek(self, n: int = -1) -> memoryview:
         """Up to ``n`` unread bytes (all when -1) without consuming them; valid in on_traffic."""
         w = self._w
@@ -123,6 +131,12 @@ class Conn(asyncio.BufferedProtocol):
         """Decode the next whole frame with the listener's codec, or None if incomplete."""
         w = self._w
         frame, w.in_pos = self._codec.decode(w.read_buf, w.in_pos, w.in_end)
+        return frame
+
+    def next_frame_with(self, codec: Codec) -> Any:
+        """Like :meth:`next_frame` with another codec (a listener that speaks several)."""
+        w = self._w
+        frame, w.in_pos = codec.decode(w.read_buf, w.in_pos, w.in_end)
         return frame
 
     # ---- writing --------------------------------------------------------------------

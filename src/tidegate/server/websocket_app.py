@@ -1,0 +1,191 @@
+"""Port 8000: the WebSocket client endpoint and the server HTTP API share one listener.
+
+A connection starts in HTTP mode (``conn.context is None``). ``GET /connection/websocket``
+upgrades it: ``context`` becomes the client session and every later byte is WebSocket frames.
+Other paths are plain HTTP (the API, ``/health``). Nothing is allocated per idle connection
+beyond the session and its transport adapter; a fragmented message in flight is the only
+extra state, kept in a dict on the handler for as long as it lasts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tidegate import log
+from tidegate.engine.conn import Conn
+from tidegate.engine.handler import EventHandler
+from tidegate.gateway.config import GatewayConfig
+from tidegate.gateway.node import Node
+from tidegate.gateway.session import ClientSession
+from tidegate.protocol import websocket as ws
+from tidegate.protocol.codec import FrameError
+from tidegate.protocol.http11 import HttpError, encode_response, error_response, parse_request_head
+from tidegate.server.http_api import HttpApi
+from tidegate.server.transports import WsBinaryTransport, WsTextTransport
+
+_log = log.get("websocket")
+WS_PATH = "/connection/websocket"
+PROTOBUF_SUBPROTOCOL = "centrifuge-protobuf"
+MAX_API_BODY_BYTES = 1 << 20
+
+_JSON_PING = ws.encode_text(b"{}")
+
+
+class _ApiBusy:
+    """``conn.context`` while an API call awaits: further bytes wait in the engine's buffer."""
+
+    __slots__ = ()
+
+
+API_BUSY = _ApiBusy()
+
+
+class WebSocketApp(EventHandler):
+    def __init__(self, node: Node, api: HttpApi, max_message_bytes: int = 65536) -> None:
+        self.node = node
+        self.config: GatewayConfig = node.config
+        self.api = api
+        self.codec = ws.WebSocketFrameCodec(max_message_bytes)
+        self.max_message_bytes = max_message_bytes
+        self._fragments: dict[Conn, ws.Fragments] = {}
+        self.upgrades = 0
+        self.live_sessions = 0
+        self.rejected: dict[str, int] = {}
+
+    def sessions(self) -> int:
+        return self.live_sessions
+
+    # ---- engine callbacks ----------------------------------------------------------------
+    def on_traffic(self, c: Conn) -> None:
+        ctx = c.context
+        if ctx is None:
+            if not self._http(c):
+                return
+            ctx = c.context
+        if isinstance(ctx, ClientSession):
+            self._frames(c, ctx)
+
+    def on_close(self, c: Conn, reason: str) -> None:
+        ctx = c.context
+        self._fragments.pop(c, None)
+        if isinstance(ctx, ClientSession):
+            self.live_sessions -= 1
+            ctx.on_transport_closed()
+            ctx.transport.conn = None  # type: ignore[attr-defined]  # break conn<->session
+        c.context = None
+
+    def ping_frame(self, c: Conn) -> bytes | None:
+        ctx = c.context
+        if not isinstance(ctx, ClientSession):
+            return None
+        data = ctx.make_ping()
+        if ctx.closed:
+            return None
+        return _JSON_PING if data == b"{}" else ctx.transport.frame(data)  # type: ignore[attr-defined]
+
+    # ---- WebSocket ---------------------------------------------------------------------
+    def _frames(self, c: Conn, session: ClientSession) -> None:
+        frags = self._fragments.pop(c, None)
+        try:
+            while not c.closing:
+                frame = c.next_frame()
+                if frame is None:
+                    break
+                frags, event = ws.feed_frame(frags, frame, self.max_message_bytes)  # type: ignore[arg-type]
+                if event is None:
+                    continue
+                kind = type(event)
+                if kind is ws.Text:
+                    session.handle_commands(event.raw)  # type: ignore[union-attr]
+                elif kind is ws.Binary:
+                    session.handle_commands(event.data)  # type: ignore[union-attr]
+                elif kind is ws.Ping:
+                    c.write(ws.encode_pong(event.data))  # type: ignore[union-attr]
+                elif kind is ws.Close:
+                    code = event.code  # type: ignore[union-attr]
+                    c.write(ws.encode_close(None if code == ws.CLOSE_NO_STATUS else code))
+                    c.close("client_closed")
+                    session.on_transport_closed()
+                    return
+                if not c.is_ready and session.connected:
+                    c.ready()  # connected: heartbeats replace the handshake deadline
+        except FrameError as exc:
+            self._fail(c, exc.close_code, exc.reason)
+            return
+        if frags is not None:
+            self._fragments[c] = frags
+
+    def _fail(self, c: Conn, code: int, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        c.write(ws.encode_close(code, reason))
+        c.close(f"protocol_error:{reason}")
+
+    # ---- HTTP ------------------------------------------------------------------------------
+    def _http(self, c: Conn) -> bool:
+        """Handle one request; True when the connection became a WebSocket."""
+        buf, pos, end = c.inbound()
+        try:
+            parsed = parse_request_head(buf, pos, end, max_body_bytes=MAX_API_BODY_BYTES)
+        except HttpError as exc:
+            self._count(f"http_{exc.status}")
+            c.write(error_response(exc))
+            c.close("bad_http_request")
+            return False
+        if parsed is None:
+            return False
+        req, body_pos = parsed
+        if req.path == WS_PATH:
+            return self._upgrade(c, req, body_pos)
+        if end - body_pos < req.content_length:
+            return False  # the body is still arriving; the engine keeps the bytes
+        body = bytes(buf[body_pos : body_pos + req.content_length])
+        c.discard(body_pos + req.content_length - pos)
+        c.ready()
+        if req.path == "/health":
+            c.write(encode_response(200, b'{"status":"ok"}', close=not req.keep_alive))
+            if not req.keep_alive:
+                c.close("http_done")
+            return False
+        c.context = API_BUSY
+        asyncio.get_running_loop().create_task(self._api(c, req, body))
+        return False
+
+    async def _api(self, c: Conn, req: Any, body: bytes) -> None:
+        status, payload = await self.api.handle(req.method, req.path, req.headers, body)
+        if c.closing:
+            return
+        c.write(encode_response(status, payload, content_type="application/json",
+                                close=not req.keep_alive))
+        if req.keep_alive:
+            c.context = None
+        else:
+            c.close("http_done")
+
+    def _upgrade(self, c: Conn, req: Any, body_pos: int) -> bool:
+        try:
+            ws.validate_upgrade(req)
+        except HttpError as exc:
+            self._count(f"http_{exc.status}")
+            c.write(error_response(exc))
+            c.close("bad_handshake")
+            return False
+        if not ws.check_origin(req.origin, self.config.allowed_origins):
+            self._count("origin_forbidden")
+            c.write(ws.reject_response(403, "origin not allowed"))
+            c.close("origin_forbidden")
+            return False
+        sub = ws.select_subprotocol(req.subprotocols, (PROTOBUF_SUBPROTOCOL,))
+        _, pos, _ = c.inbound()
+        c.discard(body_pos - pos)
+        c.write(ws.accept_response(req.key, sub))
+        if sub == PROTOBUF_SUBPROTOCOL:
+            c.context = ClientSession(WsBinaryTransport(c), self.node, "protobuf")
+        else:
+            c.context = ClientSession(WsTextTransport(c), self.node, "json")
+        self.upgrades += 1
+        self.live_sessions += 1
+        return True
+
+    def _count(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
