@@ -29,6 +29,11 @@ class Server:
 
     def __init__(self, tmp: Path, *args: str, app: str = "echo", env: dict[str, str] | None = None):
         self.port = free_port()
+        self.tcp_port = free_port()
+        if app == "gateway":
+            if "--config" not in args:
+                args = ("--config", str(ROOT / "config" / "example.toml"), *args)
+            args = ("--tcp-port", str(self.tcp_port), *args)
         self.status_path = tmp / f"status-{self.port}.json"
         self.log_path = tmp / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "tidegate", "serve", "--app", app, "--port", str(self.port),
@@ -104,3 +109,13 @@ def serve(tmp_path: Path) -> Iterator[Any]:
     yield start
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture
+def gateway(serve: Any) -> Any:
+    """Start the gateway (config/example.toml) on free ports: ``gateway("--workers", "2")``."""
+
+    def start(*args: str, **kw: Any) -> Server:
+        return serve(*args, app="gateway", **kw)  # type: ignore[no-any-return]
+
+    return start

@@ -780,12 +780,14 @@ class Bench:
         missing = [c.plan.index for c in self.clients if c.final is None]
         if missing:
             self.failures.append(f"no final report from client processes {missing}")
-        rtt = Histogram()
+        rtt_connecting = Histogram()
+        rtt_held = Histogram()
         connect = Histogram()
         errors: dict[str, int] = {}
         reasons: dict[str, int] = {}
         for f in finals:
-            rtt.merge(Histogram.from_dict(f["rtt_us"]))
+            rtt_connecting.merge(Histogram.from_dict(f["rtt_connecting_us"]))
+            rtt_held.merge(Histogram.from_dict(f["rtt_held_us"]))
             connect.merge(Histogram.from_dict(f["connect_us"]))
             for k, v in f.get("errors", {}).items():
                 errors[k] = errors.get(k, 0) + int(v)
@@ -807,9 +809,16 @@ class Bench:
         r["connect_failures"] = total("failed")
         r["errors_total"] = sum(errors.values())
         r["errors"] = errors
+        rtt = Histogram()
+        rtt.merge(rtt_connecting)
+        rtt.merge(rtt_held)
         r["heartbeat_rtt_ms_p50"] = _ms(rtt.percentile(50))
         r["heartbeat_rtt_ms_p99"] = _ms(rtt.percentile(99))
         r["heartbeat_rtt_ms"] = rtt.summary(scale=1000.0)
+        # The same samples split by when they were taken: while the client process was still
+        # connecting (its loop busy with connects) or after its connects were done.
+        r["heartbeat_rtt_ms_while_connecting"] = rtt_connecting.summary(scale=1000.0)
+        r["heartbeat_rtt_ms_after_connect"] = rtt_held.summary(scale=1000.0)
         r["heartbeat_missed"] = total("missed")
         r["heartbeat_pings_sent"] = total("pings_sent")
         r["heartbeat_pongs_received"] = total("pongs")
@@ -822,6 +831,9 @@ class Bench:
         r["close_seconds"] = _round(max((float(f.get("close_seconds", 0)) for f in finals),
                                         default=None), 3)
         r["client_cpu_seconds"] = round(sum(float(f.get("cpu_seconds", 0)) for f in finals), 2)
+        connected = [c.connected_msg for c in self.clients if c.connected_msg]
+        r["client_cpu_seconds_until_connected"] = round(
+            sum(float(m.get("cpu_seconds", 0)) for m in connected), 2)
         r["client_max_rss_bytes_per_process"] = max(
             (int(f.get("max_rss_bytes", 0)) for f in finals), default=None)
         r["rtt_histogram_us"] = rtt.to_dict()

@@ -59,6 +59,8 @@ class Conn(asyncio.BufferedProtocol):
         return w.read_view[n:]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._flags & CLOSING:
+            return  # lingering after our close: what the peer still sends is dropped
         w = self._w
         end = w.in_base + nbytes
         w.in_pos = 0
@@ -166,12 +168,24 @@ class Conn(asyncio.BufferedProtocol):
             await self._w.wait_writable(self)
 
     def close(self, reason: str = "server_closed") -> None:
-        """Flush what is queued, then close. ``reason`` reaches on_close and the counters."""
+        """Flush what is queued, then close. ``reason`` reaches on_close and the counters.
+
+        A lingering close: our side shuts down writing once the output is flushed and drops
+        whatever the peer still sends until it closes too (or ``linger_s`` passes). Closing a
+        socket with unread input makes the kernel send RST, which can destroy our last words
+        (an error reply, a WebSocket close frame) before the peer reads them.
+        """
         if self._flags & CLOSING:
             return
         self._flags |= CLOSING
-        self._w.close_reasons[self] = reason
-        self._transport.close()
+        w = self._w
+        w.close_reasons[self] = reason
+        t = self._transport
+        if t.can_write_eof():
+            t.write_eof()
+            w.linger(self)
+        else:
+            t.close()
 
     def abort(self, reason: str) -> None:
         """Close now, dropping queued output (slow consumers, protocol violations)."""

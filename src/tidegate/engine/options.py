@@ -29,6 +29,8 @@ class EngineOptions:
     ping_interval_s: float = 25.0
     pong_timeout_s: float = 10.0
     handshake_timeout_s: float = 10.0
+    # After we close, how long the peer gets to close its side before we abort.
+    linger_s: float = 2.0
     tcp_keepalive_idle_s: int = 60
     tcp_keepalive_interval_s: int = 10
     tcp_keepalive_count: int = 6

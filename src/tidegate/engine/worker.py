@@ -82,6 +82,7 @@ class Worker:
         self._ping_ticks = self.wheel.ticks(opts.ping_interval_s)
         self._pong_ticks = self.wheel.ticks(opts.pong_timeout_s)
         self._handshake_ticks = self.wheel.ticks(opts.handshake_timeout_s)
+        self._linger_ticks = self.wheel.ticks(opts.linger_s)
         self.capacity = raise_nofile().soft - opts.reserve_fds
         if opts.max_connections_per_worker > 0:
             self.capacity = min(self.capacity, opts.max_connections_per_worker)
@@ -145,6 +146,11 @@ class Worker:
         _log.exception("handler raised; closing the connection")
         c.abort("handler_error")
 
+    def linger(self, c: Conn) -> None:
+        """Give a closing connection ``linger_s`` to close its side before we abort it."""
+        self.wheel.cancel(c)
+        self.wheel.schedule(c, self.wheel.now + self._linger_ticks)
+
     def writable(self, c: Conn) -> None:
         waiter = self._write_waiters.pop(c, None)
         if waiter is not None and not waiter.done():
@@ -160,7 +166,8 @@ class Worker:
     def _check(self, c: Conn, now: int) -> int | None:
         """Decide a due connection's fate; return its next due tick or None (closed)."""
         flags = c._flags
-        if flags & CLOSING:
+        if flags & CLOSING:  # a lingering close ran out of patience
+            c._transport.abort()
             return None
         if not flags & READY:
             c.abort("handshake_timeout")

@@ -9,6 +9,15 @@ framed bytes and reuse them while ``data is last_payload``.
 
 The hub is the broker's :class:`~tidegate.gateway.broker.BrokerEventHandler`: publishing goes
 through the broker (history, cross-node delivery) and comes back here to be delivered.
+
+Subscribing is not atomic with a broker that is not inline: between reading the stream position
+(recovery or positioning) and the subscribe reply, publications keep arriving. A subscribing
+session is therefore registered first as *pending* (:meth:`Hub.add_pending`): it counts as a
+subscriber, but publications for it are appended to a buffer of its own instead of being
+written, until the session writes its reply and calls :meth:`Hub.activate`, which hands the
+buffer over (the session drops what its reply already covers and writes the rest). Buffers
+exist only while a subscribe is in flight; an idle hub keeps ``_pending`` empty, and fan-out
+pays one truth test of it per publication.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ _UNSET: bytes = b"\x00unset"
 
 
 class Hub:
-    __slots__ = ("config", "broker", "_subs", "_jl", "_users", "fanout_writes")
+    __slots__ = ("config", "broker", "_subs", "_jl", "_users", "_pending", "fanout_writes")
 
     def __init__(self, config: GatewayConfig, broker: Broker) -> None:
         self.config = config
@@ -45,6 +54,9 @@ class Hub:
         self._jl: dict[str, set[ClientSession]] = {}
         # user -> its session, or a set when it has several (anonymous users are not indexed)
         self._users: dict[str, ClientSession | set[ClientSession]] = {}
+        # channel -> {subscribing session: publications buffered for it}; empty when idle.
+        # A buffer grows to client_queue_max_messages + 1 at most (the +1 says "overflowed").
+        self._pending: dict[str, dict[ClientSession, list[Publication]]] = {}
         self.fanout_writes = 0
         broker.register(self)
 
@@ -63,8 +75,56 @@ class Hub:
             jl.add(session)
         return first
 
+    def add_pending(self, channel: str, session: ClientSession) -> bool:
+        """Register a session that is still subscribing: it counts as a subscriber, but
+        publications for it are buffered until :meth:`activate` (or dropped by
+        :meth:`remove_subscriber`). Returns True when it is the channel's first local one."""
+        pend = self._pending.get(channel)
+        if pend is None:
+            pend = self._pending[channel] = {}
+        pend[session] = []
+        return self.add_subscriber(channel, session, False)
+
+    def activate(
+        self, channel: str, session: ClientSession, join_leave: bool
+    ) -> list[Publication] | None:
+        """End the pending state: from now on publications are written to the session. Returns
+        what was buffered meanwhile, in arrival order (None: the session was not pending)."""
+        pend = self._pending.get(channel)
+        if pend is None:
+            return None
+        buf = pend.pop(session, None)
+        if buf is None:
+            return None
+        if not pend:
+            del self._pending[channel]
+        if join_leave:
+            jl = self._jl.get(channel)
+            if jl is None:
+                jl = self._jl[channel] = set()
+            jl.add(session)
+        return buf
+
+    def subscribing(self, channel: str, session: ClientSession) -> bool:
+        """``session`` is pending on ``channel`` (its subscribe is in flight)."""
+        if not self._pending:
+            return False
+        pend = self._pending.get(channel)
+        return pend is not None and session in pend
+
+    def num_pending(self) -> int:
+        """Subscribes in flight (pending subscribers, all channels)."""
+        return sum(len(p) for p in self._pending.values())
+
     def remove_subscriber(self, channel: str, session: ClientSession) -> bool:
-        """Remove; returns True when the channel has no local subscriber left."""
+        """Remove (pending or not: a pending one's buffer is dropped); returns True when the
+        channel has no local subscriber left."""
+        if self._pending:
+            pend = self._pending.get(channel)
+            if pend is not None:
+                pend.pop(session, None)
+                if not pend:
+                    del self._pending[channel]
         jl = self._jl.get(channel)
         if jl is not None:
             jl.discard(session)
@@ -162,6 +222,10 @@ class Hub:
         subs = self._subs.get(channel)
         if not subs:
             return
+        if self._pending:  # some subscribe is in flight (rare): buffer for its session
+            subs = self._buffer_pending(channel, pub, subs)
+            if not subs:
+                return
         jbytes: bytes | None = None
         pbytes: bytes | None = None
         not_json = False
@@ -181,6 +245,20 @@ class Hub:
                     pbytes = PROTOBUF_CODEC.encode_publication(channel, pub)
                 s.transport.write(pbytes)
         self.fanout_writes += len(subs)
+
+    def _buffer_pending(
+        self, channel: str, pub: Publication, subs: set[ClientSession]
+    ) -> set[ClientSession]:
+        """Append ``pub`` to the buffers of the channel's pending subscribers; returns the
+        subscribers to write it to."""
+        pend = self._pending.get(channel)
+        if pend is None:
+            return subs
+        cap = self.config.client_queue_max_messages
+        for buf in pend.values():
+            if len(buf) <= cap:
+                buf.append(pub)
+        return subs.difference(pend)
 
     def _push_info(self, channel: str, info: ClientInfo, leave: bool) -> None:
         subs = self._jl.get(channel)

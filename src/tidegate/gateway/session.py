@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from inspect import isawaitable
 from typing import Any, Protocol
 
@@ -47,6 +47,7 @@ from tidegate.gateway.codes import (
     DISCONNECT_CONNECTION_CLOSED,
     DISCONNECT_EXPIRED,
     DISCONNECT_INAPPROPRIATE_PROTOCOL,
+    DISCONNECT_INSUFFICIENT_STATE,
     DISCONNECT_INVALID_TOKEN,
     DISCONNECT_NOT_AVAILABLE,
     DISCONNECT_STALE,
@@ -79,6 +80,7 @@ from tidegate.gateway.messages import (
     ConnectResult,
     HistoryRequest,
     Method,
+    Publication,
     PublishRequest,
     RefreshRequest,
     RPCRequest,
@@ -101,6 +103,7 @@ _CONNECTED = 1
 _CLOSED = 2
 _STALE_MARK = 4  # one ping tick passed without a connect
 _EXPIRING_SUBS = 8  # some subscription has an expiry: check_deadlines looks at them
+_CONNECTING = 16  # connected, but the connect reply is not written yet
 
 # per-subscription flags
 SUB_JOIN_LEAVE = 1  # this client receives join/leave pushes
@@ -142,6 +145,10 @@ class SubState:
 
 def _sub_flags(state: int | SubState) -> int:
     return state if isinstance(state, int) else state.flags
+
+
+def _offset(pub: Publication) -> int:
+    return pub.offset
 
 
 async def _all(coros: list[Coroutine[Any, Any, None]]) -> None:
@@ -372,6 +379,44 @@ class ClientSession:
             drive(co, self._node.inline)
         return True
 
+    async def server_subscribe(self, channel: str, *, data: bytes | None = None) -> bool:
+        """Server-side subscription (the server API's ``subscribe``): attach ``channel`` like a
+        connect token's ``channels`` claim does and write a ``subscribe`` push carrying the
+        position (and ``data``, a JSON value for JSON clients), so the SDK's server-side
+        ``on_subscribed`` fires; then the join announce. Returns True when it subscribed.
+
+        False, with nothing written: not connected (or its connect reply is not out yet),
+        already subscribed or subscribing, at ``client_channel_limit``, ``data`` not JSON for
+        a JSON client, or the connection closed meanwhile. Raises ReplyError for a channel no
+        namespace accepts (the API validates it first) and whatever the broker raises.
+        """
+        if self._flags & (_CONNECTED | _CLOSED | _CONNECTING) != _CONNECTED:
+            return False
+        opts = self._options(channel)
+        subs = self._subs
+        if subs is not None and (
+            channel in subs or len(subs) >= 2 * self._node.config.client_channel_limit
+        ):
+            return False
+        if self._node.hub.subscribing(channel, self):
+            return False
+        if data and self.codec is JSON_CODEC:
+            jdata = json_value(data)
+            if jdata is None:
+                log.warning("server subscribe data for %r is not JSON: a JSON client", channel)
+                return False
+            data = jdata
+        try:
+            result = await self._attach(channel, opts, None, True, 0, None)
+        except DisconnectError:  # closed while attaching; _attach undid its part
+            return False
+        if data:
+            result.data = data
+        self._reply(self.codec.encode_subscribe_push(channel, result))
+        self._activate(channel, result)
+        await self._announce(channel)
+        return True
+
     # ---- command loop -------------------------------------------------------------------
     def _run(self, cmds: list[Command], i: int) -> None:
         """Process ``cmds[i:]`` synchronously; hand over to a task at the first real await."""
@@ -540,8 +585,10 @@ class ClientSession:
         exp: int,
         chan_info: bytes | None,
     ) -> SubscribeResult:
-        """Subscribe: recovery, presence, hub. The caller writes the reply, then calls
-        :meth:`_announce` for the join push."""
+        """Subscribe: hub (pending), node subscription, recovery or position, presence. The
+        caller writes the reply, then calls :meth:`_activate` (buffered publications, normal
+        delivery) and :meth:`_announce` (join push) - or :meth:`_drop` if it cannot reply.
+        On any failure (closed, cancelled, broker error, rejected recovery) it undoes itself."""
         node = self._node
         broker = node.broker
         result = SubscribeResult()
@@ -551,38 +598,6 @@ class ClientSession:
         positioned = opts.history_enabled and (
             recoverable or opts.force_positioning or (req is not None and req.positioned)
         )
-        if recoverable and req is not None and req.recover:
-            rr = await broker.recover(
-                channel,
-                req.offset,
-                req.epoch,
-                history_size=opts.history_size,
-                history_ttl_s=opts.history_ttl_s,
-                max_publications=node.config.recovery_max_publications,
-            )
-            if not rr.recovered and req.flag & FLAG_REJECT_UNRECOVERED:
-                raise error(ERROR_UNRECOVERABLE_POSITION)
-            result.was_recovering = True
-            result.recovered = rr.recovered
-            result.publications = rr.publications
-            result.epoch, result.offset = rr.epoch, rr.offset
-            if self.codec is JSON_CODEC:
-                for p in rr.publications:
-                    if p.json_data is None:
-                        raise NotJSON("recovered publication is binary")
-        elif positioned:
-            top = await broker.history(
-                channel,
-                history_size=opts.history_size,
-                history_ttl_s=opts.history_ttl_s,
-                limit=0,
-            )
-            result.epoch, result.offset = top.epoch, top.offset
-        result.recoverable = recoverable
-        result.positioned = positioned
-        if exp:
-            result.expires, result.ttl = True, self._ttl(exp)
-
         flags = SUB_SERVER_SIDE if server_side else 0
         if opts.join_leave:
             flags |= SUB_EMITS_JOIN_LEAVE
@@ -593,20 +608,98 @@ class ClientSession:
         if opts.presence:
             flags |= SUB_PRESENCE
         hub = node.hub
-        if hub.num_subscribers(channel) == 0:
-            await broker.subscribe(channel)
-        if self._flags & _CLOSED:
-            raise DisconnectError(DISCONNECT_CONNECTION_CLOSED)
-        if flags & SUB_PRESENCE:
-            info = ClientInfo(self._user, self._client or "", self._conn_info, chan_info)
-            await broker.add_presence(channel, info)
-        # from here on synchronous: registered and answered before any publication can arrive
         channel = sys.intern(channel)  # one str object per channel, shared by all subscribers
+        # Registered (pending) before anything is awaited: what is published from now on is
+        # buffered for us, and _activate writes what the reply does not cover.
+        first = hub.add_pending(channel, self)
+        presence = False
+        try:
+            if first:
+                await broker.subscribe(channel)
+            if recoverable and req is not None and req.recover:
+                rr = await broker.recover(
+                    channel,
+                    req.offset,
+                    req.epoch,
+                    history_size=opts.history_size,
+                    history_ttl_s=opts.history_ttl_s,
+                    max_publications=node.config.recovery_max_publications,
+                )
+                if not rr.recovered and req.flag & FLAG_REJECT_UNRECOVERED:
+                    raise error(ERROR_UNRECOVERABLE_POSITION)
+                result.was_recovering = True
+                result.recovered = rr.recovered
+                result.publications = rr.publications
+                result.epoch, result.offset = rr.epoch, rr.offset
+                if self.codec is JSON_CODEC:
+                    for p in rr.publications:
+                        if p.json_data is None:
+                            raise NotJSON("recovered publication is binary")
+            elif positioned:
+                top = await broker.history(
+                    channel,
+                    history_size=opts.history_size,
+                    history_ttl_s=opts.history_ttl_s,
+                    limit=0,
+                )
+                result.epoch, result.offset = top.epoch, top.offset
+            if self._flags & _CLOSED:
+                raise DisconnectError(DISCONNECT_CONNECTION_CLOSED)
+            if flags & SUB_PRESENCE:
+                presence = True  # from here on undo it: the add may land even if we are cancelled
+                info = ClientInfo(self._user, self._client or "", self._conn_info, chan_info)
+                await broker.add_presence(channel, info)
+                if self._flags & _CLOSED:
+                    raise DisconnectError(DISCONNECT_CONNECTION_CLOSED)
+        except BaseException:  # failed, closed or cancelled: leave the hub, drop the buffer
+            last = hub.remove_subscriber(channel, self)
+            if last or presence:
+                undo = self._leave_broker(channel, SUB_PRESENCE if presence else 0, last)
+                drive(undo, node.inline)
+            raise
+        result.recoverable = recoverable
+        result.positioned = positioned
+        if exp:
+            result.expires, result.ttl = True, self._ttl(exp)
+        # still pending in the hub: the caller writes the reply, then calls _activate
         self._sub_put(channel, SubState(flags, exp, chan_info) if exp or chan_info else flags)
         if exp:
             self._flags |= _EXPIRING_SUBS
-        hub.add_subscriber(channel, self, bool(flags & SUB_JOIN_LEAVE))
         return result
+
+    def _activate(self, channel: str, result: SubscribeResult) -> None:
+        """The reply carrying ``result`` (subscribe reply, connect reply, subscribe push) is
+        written: switch the hub entry to normal delivery and write the publications buffered
+        meanwhile - for a positioned subscription only those past the position the reply gave
+        (recovered publications included), in offset order; otherwise all, as they came."""
+        state = self._sub_state(channel)
+        if state is None:
+            return  # unsubscribed by the server or closed before the reply went out
+        buf = self._node.hub.activate(channel, self, bool(_sub_flags(state) & SUB_JOIN_LEAVE))
+        if not buf:
+            return
+        if len(buf) > self._node.config.client_queue_max_messages:
+            self.disconnect(DISCONNECT_INSUFFICIENT_STATE)  # the hub stopped buffering: gap
+            return
+        if result.positioned:
+            top = result.offset
+            buf = sorted([p for p in buf if p.offset > top], key=_offset)
+        encode = self.codec.encode_publication
+        try:
+            for pub in buf:
+                self._reply(encode(channel, pub))
+        except NotJSON:
+            self.disconnect(DISCONNECT_INAPPROPRIATE_PROTOCOL)
+
+    def _drop(self, channels: Iterable[str]) -> None:
+        """Undo attached subscriptions whose reply was never written (no join was announced,
+        so no leave either)."""
+        for channel in channels:
+            state = self._sub_pop(channel)
+            if state is not None:
+                co = self._leave(channel, _sub_flags(state) & ~SUB_EMITS_JOIN_LEAVE)
+                if co is not None:
+                    drive(co, self._node.inline)
 
     async def _announce(self, channel: str) -> None:
         state = self._sub_state(channel)
@@ -684,7 +777,7 @@ class ClientSession:
         self._user = user
         self._conn_info = info
         self._exp = exp
-        self._flags = (self._flags | _CONNECTED) & ~_STALE_MARK
+        self._flags = (self._flags | _CONNECTED | _CONNECTING) & ~_STALE_MARK
         node.hub.add_session(self)
         result = ConnectResult(
             client=self._client,
@@ -696,17 +789,25 @@ class ClientSession:
         if exp:
             result.expires, result.ttl = True, self._ttl(exp)
         server_side = list(dict.fromkeys((*cfg.server_side_channels, *channels)))
-        for channel in server_side:
-            opts = cfg.channel_options(channel)
-            if opts is None or len(channel) > cfg.channel_max_length_chars:
-                log.warning("skipping server-side subscription to bad channel %r", channel)
-                continue
-            if len(result.subs) >= cfg.client_channel_limit:
-                break
-            result.subs[channel] = await self._attach(
-                channel, opts, req.subs.get(channel), True, 0, None
-            )
-        self._reply(self.codec.encode_connect(cmd_id, result))
+        try:
+            for channel in server_side:
+                opts = cfg.channel_options(channel)
+                if opts is None or len(channel) > cfg.channel_max_length_chars:
+                    log.warning("skipping server-side subscription to bad channel %r", channel)
+                    continue
+                if len(result.subs) >= cfg.client_channel_limit:
+                    break
+                result.subs[channel] = await self._attach(
+                    channel, opts, req.subs.get(channel), True, 0, None
+                )
+            self._reply(self.codec.encode_connect(cmd_id, result))
+        except BaseException:
+            self._drop(result.subs)
+            raise
+        finally:
+            self._flags &= ~_CONNECTING
+        for channel, sub in result.subs.items():
+            self._activate(channel, sub)
         for channel in result.subs:
             await self._announce(channel)
 
@@ -722,6 +823,8 @@ class ClientSession:
                 raise error(ERROR_ALREADY_SUBSCRIBED)
             if len(subs) >= 2 * cfg.client_channel_limit:
                 raise error(ERROR_LIMIT_EXCEEDED)
+        if self._node.hub.subscribing(channel, self):  # a server_subscribe is in flight
+            raise error(ERROR_ALREADY_SUBSCRIBED)
         exp, chan_info = 0, None
         if req.token:
             exp, chan_info = self._verify_sub_token(req.token, channel)
@@ -732,7 +835,13 @@ class ClientSession:
         ):
             raise error(ERROR_PERMISSION_DENIED)
         result = await self._attach(channel, opts, req, False, exp, chan_info)
-        self._reply(self.codec.encode_subscribe(cmd_id, result))
+        try:
+            reply = self.codec.encode_subscribe(cmd_id, result)
+        except BaseException:
+            self._drop((channel,))
+            raise
+        self._reply(reply)
+        self._activate(channel, result)
         await self._announce(channel)
 
     async def _unsubscribe(self, cmd_id: int, req: ChannelRequest) -> None:
