@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cent import Client as Cent
 from cent import (
     ChannelsRequest,
     DisconnectRequest,
@@ -26,6 +25,7 @@ from cent import (
     PresenceStatsRequest,
     PublishRequest,
 )
+from cent import Client as Cent
 from centrifuge import Client, ClientEventHandler, DisconnectedContext, SubscriptionEventHandler
 from centrifuge.protocol import client_pb2
 from websockets.asyncio.client import connect as ws_connect
