@@ -33,7 +33,8 @@ class Server:
         if app == "gateway":
             if "--config" not in args:
                 args = ("--config", str(ROOT / "config" / "example.toml"), *args)
-            args = ("--tcp-port", str(self.tcp_port), *args)
+            self.metrics_port = free_port()
+            args = ("--tcp-port", str(self.tcp_port), "--metrics-port", str(self.metrics_port), *args)
         self.status_path = tmp / f"status-{self.port}.json"
         self.log_path = tmp / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "tidegate", "serve", "--app", app, "--port", str(self.port),

@@ -19,13 +19,13 @@ if TYPE_CHECKING:
 
 # _flags bits
 READY = 1  # handshake done: liveness switches from the handshake deadline to heartbeats
-PING_OUT = 2  # a ping was sent and nothing has arrived since
+PING_OUT = 2  # a ping was sent and nothing has arrived since (any input counts as the pong)
 PAUSED = 4  # the transport's write buffer is above its high-water mark
 CLOSING = 8
 
 
 class Conn(asyncio.BufferedProtocol):
-    __slots__ = ("_transport", "_pending", "_last_rx", "_ping_tick", "_wslot", "_flags", "context")
+    __slots__ = ("_transport", "_pending", "_last_rx", "_ping_ms", "_wslot", "_flags", "context")
 
     # Set on the per-worker, per-listener subclass (see Worker.__init__): shared, 0 bytes/conn.
     _w: Worker
@@ -36,7 +36,7 @@ class Conn(asyncio.BufferedProtocol):
         self._transport: Any = None
         self._pending: bytes | None = None
         self._last_rx = 0
-        self._ping_tick = 0
+        self._ping_ms = 0  # when the outstanding ping was sent (ms on the worker's clock)
         self._wslot = -1
         self._flags = 0
         self.context: Any = None
@@ -59,9 +59,14 @@ class Conn(asyncio.BufferedProtocol):
         return w.read_view[n:]
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._flags & CLOSING:
-            return  # lingering after our close: what the peer still sends is dropped
         w = self._w
+        flags = self._flags
+        if flags & (CLOSING | PING_OUT):
+            if flags & CLOSING:
+                return  # lingering after our close: what the peer still sends is dropped
+            self._flags = flags & ~PING_OUT
+            w.pong_seen(self)
+        w.bytes_in += nbytes
         end = w.in_base + nbytes
         w.in_pos = 0
         w.in_end = end
@@ -90,6 +95,7 @@ class Conn(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._flags |= PAUSED
+        self._w.paused.add(self)
 
     def resume_writing(self) -> None:
         self._flags &= ~PAUSED
@@ -150,6 +156,7 @@ class Conn(asyncio.BufferedProtocol):
             if t.get_write_buffer_size() + len(data) > self._w.max_write_buffer_bytes:
                 self.abort("slow_consumer")
                 return
+        self._w.bytes_out += len(data)
         t.write(data)
 
     def writev(self, chunks: list[bytes]) -> None:

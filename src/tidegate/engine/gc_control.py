@@ -8,11 +8,16 @@ import gc
 import time
 from typing import Any
 
+from tidegate.observe.histogram import Histogram
+
+GC_PAUSE_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
 
 class GcStats:
-    __slots__ = ("collections", "pause_s_total", "pause_s_max", "_t0")
+    __slots__ = ("collections", "pause_s_total", "pause_s_max", "pauses", "_t0")
 
     def __init__(self) -> None:
+        self.pauses = Histogram(GC_PAUSE_BUCKETS_S)
         self.collections = [0, 0, 0]
         self.pause_s_total = 0.0
         self.pause_s_max = 0.0
@@ -25,6 +30,7 @@ class GcStats:
         pause = time.perf_counter() - self._t0
         self.collections[info["generation"]] += 1
         self.pause_s_total += pause
+        self.pauses.observe(pause)
         if pause > self.pause_s_max:
             self.pause_s_max = pause
 

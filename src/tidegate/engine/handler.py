@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tidegate.engine.conn import Conn
@@ -38,6 +38,10 @@ class EventHandler:
 
     def on_shutdown(self, worker: Worker) -> None:
         """The worker is stopping; connections are still open."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for /metrics (sent to the supervisor every second); keep it cheap."""
+        return {}
 
     def ping_frame(self, c: Conn) -> bytes | None:
         """Bytes of an application-level ping for ``c``; None disables engine heartbeats."""

@@ -50,6 +50,8 @@ class EngineOptions:
     gc_gen0_threshold: int = 50_000
     # How long workers get to close their connections on SIGTERM before SIGKILL.
     shutdown_grace_s: float = 10.0
+    # /metrics (Prometheus) served by the supervisor on this port; 0 = off.
+    metrics_port: int = 0
     # Where the supervisor writes its JSON status (pids, port, ready); "" = nowhere.
     status_file: str = ""
 

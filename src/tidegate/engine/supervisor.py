@@ -78,6 +78,7 @@ class Supervisor:
         self._listens: list[socket.socket] = []
         self._wake_r = self._wake_w = -1
         self._status_written = ""
+        self._metrics: Any = None
 
     # ---- lifecycle ---------------------------------------------------------------------
     def run(self) -> int:
@@ -117,6 +118,13 @@ class Supervisor:
         self.slots = [WorkerSlot(i) for i in range(n)]
         for slot in self.slots:
             self._spawn(slot)
+        if self.opts.metrics_port:
+            from tidegate.observe import metrics
+
+            self._metrics = metrics.serve(
+                self.opts.metrics_port, lambda: [s.stats for s in self.slots], self.status,
+                host=self.opts.host,
+            )
         try:
             while not self.stopping:
                 self._poll(0.5)
@@ -176,6 +184,8 @@ class Supervisor:
         os.close(self._wake_w)
         for sock in self._listens:
             sock.close()
+        if self._metrics is not None:
+            self._metrics.socket.close()
         for other in self.slots:
             if other.ctrl is not None:
                 other.ctrl.close()
@@ -349,6 +359,9 @@ class Supervisor:
 
     def _cleanup(self) -> None:
         signal.set_wakeup_fd(-1)
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
         for sock in self._listens:
             sock.close()
         if self.opts.status_file:

@@ -20,6 +20,7 @@ from tidegate.engine.loop import new_event_loop
 from tidegate.engine.netopt import listening_socket
 from tidegate.engine.options import EngineOptions
 from tidegate.engine.wheel import TimingWheel
+from tidegate.observe.histogram import Histogram
 from tidegate.protocol.codec import FrameError
 from tidegate.protocol.length_prefixed import LengthPrefixedCodec
 
@@ -91,8 +92,12 @@ class Worker:
         self.refused_total = 0
         self.handoff_received = 0
         self.pings_sent = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.heartbeat_rtt = Histogram()
         self.closes: collections.Counter[str] = collections.Counter()
         self.close_reasons: dict[Conn, str] = {}
+        self.paused: set[Conn] = set()  # connections whose transport paused writing
         self._write_waiters: dict[Conn, asyncio.Future[None]] = {}
         self._refused: set[Conn] = set()
         self.gc_stats: gc_control.GcStats | None = None
@@ -125,6 +130,7 @@ class Worker:
             self._refused.discard(c)
             return
         self.wheel.cancel(c)
+        self.paused.discard(c)
         self.active -= 1
         reason = self.close_reasons.pop(c, None)
         if reason is None:
@@ -146,12 +152,18 @@ class Worker:
         _log.exception("handler raised; closing the connection")
         c.abort("handler_error")
 
+    def pong_seen(self, c: Conn) -> None:
+        """Input after our ping: the heartbeat round trip, measured on the server."""
+        rtt_ms = (self.loop.time() - self._t0) * 1000 - c._ping_ms
+        self.heartbeat_rtt.observe(rtt_ms / 1000)
+
     def linger(self, c: Conn) -> None:
         """Give a closing connection ``linger_s`` to close its side before we abort it."""
         self.wheel.cancel(c)
         self.wheel.schedule(c, self.wheel.now + self._linger_ticks)
 
     def writable(self, c: Conn) -> None:
+        self.paused.discard(c)
         waiter = self._write_waiters.pop(c, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -172,11 +184,9 @@ class Worker:
         if not flags & READY:
             c.abort("handshake_timeout")
             return None
-        if flags & PING_OUT:
-            if c._last_rx < c._ping_tick:
-                c.abort("ping_timeout")
-                return None
-            c._flags = flags & ~PING_OUT
+        if flags & PING_OUT:  # nothing arrived since our ping (input clears the flag)
+            c.abort("ping_timeout")
+            return None
         due = c._last_rx + self._ping_ticks
         if due > now:
             return due
@@ -185,7 +195,7 @@ class Worker:
         if frame is None:
             return now + self._ping_ticks
         c._flags |= PING_OUT
-        c._ping_tick = now
+        c._ping_ms = int((self.loop.time() - self._t0) * 1000)
         c.write(frame)
         self.pings_sent += 1
         return now + self._pong_ticks
@@ -209,9 +219,9 @@ class Worker:
         if now - self._last_stats >= STATS_INTERVAL_S:
             self._last_stats = now
             self._send_stats()
-        if not self.stopping:
-            nxt = self._t0 + (self.wheel.now + 1) * self.opts.tick_s
-            self.loop.call_at(nxt, self._tick)
+        # Keeps ticking while stopping: lingering closes are aborted by the wheel.
+        nxt = self._t0 + (self.wheel.now + 1) * self.opts.tick_s
+        self.loop.call_at(nxt, self._tick)
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -223,11 +233,23 @@ class Worker:
             "handoff_received": self.handoff_received,
             "pings_sent": self.pings_sent,
             "closes": dict(self.closes),
+            "capacity": self.capacity,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "write_buffer_bytes": self._write_buffer_bytes(),
+            "heartbeat_rtt": self.heartbeat_rtt.snapshot(),
+            "apps": [h.stats() for h in self.handlers],
         }
         if self.gc_stats is not None:
             out["gc_collections"] = self.gc_stats.collections
             out["gc_pause_s_max"] = round(self.gc_stats.pause_s_max, 6)
+            out["gc_pause"] = self.gc_stats.pauses.snapshot()
         return out
+
+    def _write_buffer_bytes(self) -> int:
+        """Output queued in user space by connections above the high-water mark (the ones
+        that matter: the rest hold under 64 KiB each)."""
+        return sum(c.write_buffer_bytes for c in self.paused)
 
     def _send_stats(self) -> None:
         if self.ctrl is None:

@@ -55,6 +55,7 @@ def engine_options_for(config: GatewayConfig, base: EngineOptions) -> EngineOpti
     base.ping_interval_s = config.ping_interval_s
     base.pong_timeout_s = config.pong_timeout_s
     base.max_write_buffer_bytes = config.client_queue_max_bytes
+    base.metrics_port = config.metrics_port
     return base
 
 

@@ -50,11 +50,24 @@ class WebSocketApp(EventHandler):
         self.max_message_bytes = max_message_bytes
         self._fragments: dict[Conn, ws.Fragments] = {}
         self.upgrades = 0
+        self.messages_in = 0
         self.live_sessions = 0
         self.rejected: dict[str, int] = {}
 
     def sessions(self) -> int:
         return self.live_sessions
+
+    def stats(self) -> dict[str, Any]:
+        hub = self.node.hub
+        return {
+            "ws_sessions": self.live_sessions,
+            "ws_upgrades_total": self.upgrades,
+            "ws_messages_in_total": self.messages_in,
+            "ws_rejected_total": dict(self.rejected),
+            "api_requests_total": dict(self.api.requests),
+            "fanout_writes_total": hub.fanout_writes,
+            "channels": hub.num_channels(),
+        }
 
     # ---- engine callbacks ----------------------------------------------------------------
     def on_traffic(self, c: Conn) -> None:
@@ -96,6 +109,7 @@ class WebSocketApp(EventHandler):
                 if event is None:
                     continue
                 kind = type(event)
+                self.messages_in += 1
                 if kind is ws.Text:
                     session.handle_commands(event.raw)  # type: ignore[union-attr]
                 elif kind is ws.Binary:

@@ -1,0 +1,161 @@
+"""``/metrics``: the supervisor aggregates what its workers report and exposes it.
+
+Workers send their counters and histogram snapshots every second over the control channel
+(see ``Worker.stats``); this collector turns the latest ones into Prometheus metric families
+with ``prometheus_client`` (its exposition, its HTTP server). A scrape reads memory that is
+already there: it costs the workers nothing. Labels are bounded: worker index, close reason,
+transport, GC generation; never a connection or a channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from tidegate.observe.histogram import Histogram
+
+WorkerStats = Callable[[], Iterable[dict[str, Any]]]
+SupervisorStats = Callable[[], dict[str, Any]]
+
+
+def _buckets(snap: dict[str, Any]) -> list[tuple[str, float]]:
+    out, acc = [], 0
+    for bound, n in zip([*snap["bounds"], float("inf")], snap["counts"], strict=True):
+        acc += n
+        out.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(acc)))
+    return out
+
+
+def _histogram(name: str, doc: str, snaps: list[tuple[str, dict[str, Any]]]) -> Metric:
+    fam = HistogramMetricFamily(name, doc, labels=["worker"])
+    for worker, snap in snaps:
+        if snap:
+            fam.add_metric([worker], _buckets(snap), sum_value=snap["sum"])
+    return fam
+
+
+class TidegateCollector:
+    def __init__(self, workers: WorkerStats, supervisor: SupervisorStats) -> None:
+        self._workers = workers
+        self._supervisor = supervisor
+
+    def collect(self) -> Iterator[Metric]:
+        stats = [s for s in self._workers() if s]
+        sup = self._supervisor()
+        w = [(str(s.get("index", i)), s) for i, s in enumerate(stats)]
+
+        conns = GaugeMetricFamily("tidegate_connections", "Open connections.", labels=["worker"])
+        cap = GaugeMetricFamily("tidegate_connections_capacity",
+                                "Connections the worker can hold (fd budget).", labels=["worker"])
+        wbuf = GaugeMetricFamily("tidegate_write_buffer_bytes",
+                                 "Output queued by connections above the high-water mark.",
+                                 labels=["worker"])
+        for idx, s in w:
+            conns.add_metric([idx], s.get("active", 0))
+            cap.add_metric([idx], s.get("capacity", 0))
+            wbuf.add_metric([idx], s.get("write_buffer_bytes", 0))
+        yield from (conns, cap, wbuf)
+
+        for name, key, doc in (
+            ("tidegate_accepts", "accepted", "Connections accepted."),
+            ("tidegate_heartbeat_pings", "pings_sent", "Server heartbeat pings sent."),
+            ("tidegate_bytes_in", "bytes_in", "Bytes read from clients."),
+            ("tidegate_bytes_out", "bytes_out", "Bytes written to clients."),
+        ):
+            fam = CounterMetricFamily(name, doc, labels=["worker"])
+            for idx, s in w:
+                fam.add_metric([idx], s.get(key, 0))
+            yield fam
+
+        refused = CounterMetricFamily("tidegate_refused", "Connections refused.", labels=["reason"])
+        refused.add_metric(["capacity"], sum(s.get("refused", 0) for _, s in w))
+        refused.add_metric(["no_worker"], sup.get("refused_handoff", 0))
+        yield refused
+
+        closes = CounterMetricFamily("tidegate_closes", "Connections closed, by reason.",
+                                     labels=["reason"])
+        merged: dict[str, int] = {}
+        for _, s in w:
+            for reason, n in s.get("closes", {}).items():
+                merged[_reason(reason)] = merged.get(_reason(reason), 0) + n
+        for reason, n in sorted(merged.items()):
+            closes.add_metric([reason], n)
+        yield closes
+
+        gcs = CounterMetricFamily("tidegate_gc_collections", "Cyclic GC collections.",
+                                  labels=["generation"])
+        for gen in range(3):
+            gcs.add_metric([str(gen)], sum(s.get("gc_collections", [0, 0, 0])[gen] for _, s in w))
+        yield gcs
+
+        yield _histogram("tidegate_heartbeat_rtt_seconds", "Server ping to client input.",
+                         [(i, s.get("heartbeat_rtt", {})) for i, s in w])
+        yield _histogram("tidegate_gc_pause_seconds", "Cyclic GC pauses.",
+                         [(i, s.get("gc_pause", {})) for i, s in w])
+
+        restarts = CounterMetricFamily("tidegate_worker_restarts", "Workers restarted.")
+        restarts.add_metric([], sup.get("restarts", 0))
+        yield restarts
+        ready = GaugeMetricFamily("tidegate_ready", "1 when every worker is up and accepting.")
+        ready.add_metric([], 1 if sup.get("ready") else 0)
+        yield ready
+        yield from _app_metrics(w)
+
+
+def _reason(reason: str) -> str:
+    """Bound the label: ``disconnect_3008`` stays, free-form details are cut at ':'."""
+    return reason.split(":", 1)[0]
+
+
+def _app_metrics(w: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
+    """Counters apps report (``EventHandler.stats``): summed over workers, one family each."""
+    counters: dict[str, dict[str, float]] = {}
+    hists: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for idx, s in w:
+        for app in s.get("apps", []):
+            for key, value in app.items():
+                if isinstance(value, dict) and "bounds" in value:
+                    hists.setdefault(key, []).append((idx, value))
+                elif isinstance(value, dict):
+                    for label, n in value.items():
+                        counters.setdefault(key, {})
+                        counters[key][label] = counters[key].get(label, 0) + n
+                elif isinstance(value, int | float):
+                    counters.setdefault(key, {})
+                    counters[key][""] = counters[key].get("", 0) + value
+    for key, values in sorted(counters.items()):
+        name = f"tidegate_{key}"
+        if name.endswith("_total"):
+            name = name[: -len("_total")]
+        if "" in values and len(values) == 1:
+            fam: Metric = (CounterMetricFamily(name, key) if key.endswith("_total")
+                           else GaugeMetricFamily(name, key))
+            fam.add_metric([], values[""])
+        else:
+            fam = CounterMetricFamily(name, key, labels=["kind"])
+            for label, n in sorted(values.items()):
+                fam.add_metric([label or "all"], n)
+        yield fam
+    for key, snaps in sorted(hists.items()):
+        yield _histogram(f"tidegate_{key}", key, snaps)
+
+
+def serve(port: int, workers: WorkerStats, supervisor: SupervisorStats, host: str = "") -> Any:
+    """Start the /metrics HTTP server (a thread in the supervisor). Returns the server."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TidegateCollector(workers, supervisor))  # type: ignore[arg-type]
+    server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=registry)
+    return server
+
+
+def merged_quantile(snaps: list[dict[str, Any]], q: float) -> float | None:
+    merged = Histogram.merge(snaps)
+    return None if merged is None else Histogram.quantile(merged, q)
