@@ -662,6 +662,84 @@ def test_server_unsubscribe_push(node: Node) -> None:
     assert node.hub.num_subscribers("news") == 0
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_server_subscribe_writes_a_subscribe_push(node: Node, fmt: str) -> None:
+    c = connected(node, fmt)
+    assert asyncio.run(c.s.server_subscribe("news", data=b'{"why": "api"}')) is True
+    (reply,) = c.replies()  # as the SDK decodes it: a push, no id
+    assert "id" not in reply or not reply["id"]
+    push = reply["push"]
+    assert push["channel"] == "news"
+    sub = push["subscribe"]
+    assert sub["recoverable"] is True and sub["positioned"] is True and sub["epoch"]
+    assert int(sub.get("offset", 0)) == 0
+    assert c.dec(sub["data"]) == {"why": "api"}
+    assert c.s.channels() == ["news"] and node.hub.num_subscribers("news") == 1
+    assert node.hub.num_pending() == 0
+    other = connected(node, user="p")
+    other.publish("news", {"n": 1})
+    (pub,) = c.replies()
+    assert pub["push"]["channel"] == "news" and c.dec(pub["push"]["pub"]["data"]) == {"n": 1}
+    assert int(pub["push"]["pub"]["offset"]) == 1
+    # already subscribed (server-side or by the client): nothing happens
+    assert asyncio.run(c.s.server_subscribe("news")) is False
+    c.subscribe("chat:x")
+    assert asyncio.run(c.s.server_subscribe("chat:x")) is False
+    assert c.replies() == []
+    # a client-side subscribe of a server-side channel is "already subscribed"
+    assert c.subscribe("news")["error"]["code"] == 105
+
+
+def test_server_subscribe_without_data_and_with_a_position(node: Node) -> None:
+    pub = connected(node, user="p")
+    pub.subscribe("chat:room")
+    pub.publish("chat:room", "a")
+    pub.publish("chat:room", "b")
+    c = connected(node)
+    assert asyncio.run(c.s.server_subscribe("chat:room")) is True
+    (reply,) = c.replies()
+    sub = reply["push"]["subscribe"]
+    assert sub["offset"] == 2 and "data" not in sub
+    assert "publications" not in sub  # a new server-side subscription recovers nothing
+
+
+def test_server_subscribe_announces_join_and_leave(node: Node) -> None:
+    watcher = connected(node, user="w")
+    watcher.subscribe("chat:room", join_leave=True)
+    watcher.t.take()
+    c = connected(node, user="n")
+    assert asyncio.run(c.s.server_subscribe("chat:room")) is True
+    (join,) = watcher.replies()
+    assert join["push"]["join"]["info"]["user"] == "n"
+    assert [r["push"]["channel"] for r in c.replies()] == ["chat:room"]  # no join for itself
+    presence = watcher.call("presence", {"channel": "chat:room"})["presence"]["presence"]
+    assert c.s.client_id in presence
+    c.s.disconnect()
+    (leave,) = watcher.replies()
+    assert leave["push"]["leave"]["info"]["user"] == "n"
+
+
+def test_server_subscribe_refusals(node: Node) -> None:
+    fresh = SDKClient(node)
+    assert asyncio.run(fresh.s.server_subscribe("news")) is False  # not connected
+    c = connected(node)
+    assert asyncio.run(c.s.server_subscribe("news", data=b"\x00binary")) is False  # JSON client
+    with pytest.raises(ReplyError) as exc:
+        asyncio.run(c.s.server_subscribe("bogus:x"))
+    assert exc.value.code == 102
+    assert c.t.writes == [] and c.s.channels() == []
+    pb = connected(node, "protobuf")
+    assert asyncio.run(pb.s.server_subscribe("news", data=b"\x00binary")) is True
+    (reply,) = pb.replies()
+    assert base64.b64decode(reply["push"]["subscribe"]["data"]) == b"\x00binary"
+    limited = Node(make_config(client_channel_limit=1))
+    one = connected(limited)
+    one.subscribe("news")
+    assert asyncio.run(one.s.server_subscribe("chat:x")) is False
+    one.s.on_transport_closed()
+    assert asyncio.run(one.s.server_subscribe("chat:x")) is False
+
+
 def test_disconnect_cleans_hub_presence_and_user_index(node: Node) -> None:
     c = connected(node, user="u")
     c.subscribe("news")
