@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -232,3 +233,48 @@ def test_sigterm_stops_everything_cleanly(serve):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_sigterm_drains_connections_over_the_window(serve):
+    srv = serve("--workers", "1", "--drain-s", "2", "--tick-s", "0.1")
+    conns = [connect(srv.port) for _ in range(40)]
+    assert all(echo_ok(s) for s in conns)
+    srv.proc.send_signal(signal.SIGTERM)
+    closed_at: dict[socket.socket, float] = {}
+    deadline = time.monotonic() + 30
+    while len(closed_at) < len(conns) and time.monotonic() < deadline:
+        readable, _, _ = select.select([s for s in conns if s not in closed_at], [], [], 1)
+        for s in readable:
+            try:
+                data = s.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                closed_at[s] = time.monotonic()
+        if len(closed_at) < len(conns) and closed_at:
+            assert not srv.status().get("ready")  # not ready while draining
+    assert len(closed_at) == len(conns)
+    span = max(closed_at.values()) - min(closed_at.values())
+    assert span > 0.5, closed_at  # spread over the window, not all at once
+    assert srv.proc.wait(30) == 0
+    assert "draining" in srv.log()
+
+
+def test_per_ip_limit_and_accept_rate_refuse_cleanly(serve):
+    srv = serve("--workers", "1", "--max-connections-per-ip", "3")
+    ok = [connect(srv.port) for _ in range(3)]
+    assert all(echo_ok(s) for s in ok)
+    extra = connect(srv.port)
+    assert wait_closed(extra) < 10
+    srv.wait_stats(lambda st: st["worker_stats"][0].get("refusals", {}).get("per_ip_limit") == 1)
+    other = socket.create_connection(("127.0.0.1", srv.port), source_address=("127.0.0.2", 0))
+    assert echo_ok(other)  # another address has its own allowance
+    ok[0].close()
+    srv.wait_stats(lambda st: srv.total("active") == 3)
+    assert echo_ok(connect(srv.port))
+
+    limited = serve("--workers", "1", "--accept-rate-per-s", "5")
+    burst = [connect(limited.port) for _ in range(30)]
+    served = sum(echo_ok(s) for s in burst)
+    assert 1 <= served < 30
+    limited.wait_stats(lambda st: st["worker_stats"][0].get("refusals", {}).get("rate_limit", 0) >= 1)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
-from test_engine import connect, echo_ok
-from test_server_e2e import _close_code, _masked, _ws_raw, api
 
 from conftest import free_port
+from test_engine import connect, echo_ok
+from test_server_e2e import _close_code, _masked, _ws_raw, api
 
 
 def scrape(port: int) -> dict[str, list]:

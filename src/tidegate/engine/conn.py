@@ -186,7 +186,7 @@ class Conn(asyncio.BufferedProtocol):
             return
         self._flags |= CLOSING
         w = self._w
-        w.close_reasons[self] = reason
+        w.close_reasons.setdefault(self, reason)  # a reason set first (drain) wins
         t = self._transport
         if t.can_write_eof():
             t.write_eof()
@@ -198,7 +198,7 @@ class Conn(asyncio.BufferedProtocol):
         """Close now, dropping queued output (slow consumers, protocol violations)."""
         if not self._flags & CLOSING:
             self._flags |= CLOSING
-            self._w.close_reasons[self] = reason
+            self._w.close_reasons.setdefault(self, reason)
         self._transport.abort()
 
     # ---- state ----------------------------------------------------------------------

@@ -39,6 +39,10 @@ class EventHandler:
     def on_shutdown(self, worker: Worker) -> None:
         """The worker is stopping; connections are still open."""
 
+    def on_drain(self, c: Conn) -> None:
+        """Say goodbye to ``c`` during a drain (a protocol-level "reconnect elsewhere")."""
+        c.close("drain")
+
     def stats(self) -> dict[str, Any]:
         """Counters for /metrics (sent to the supervisor every second); keep it cheap."""
         return {}

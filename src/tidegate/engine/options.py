@@ -48,8 +48,13 @@ class EngineOptions:
 
     # Cyclic GC: young-generation threshold (objects); start-up objects are frozen.
     gc_gen0_threshold: int = 50_000
-    # How long workers get to close their connections on SIGTERM before SIGKILL.
+    # SIGTERM drains: disconnects (with a reconnect hint) are spread over this long, so the
+    # clients do not all reconnect at once; then the grace below, then SIGKILL.
+    drain_s: float = 5.0
     shutdown_grace_s: float = 10.0
+    # Admission limits: 0 = off. The accept rate is for the whole node (split over workers).
+    max_connections_per_ip: int = 0
+    accept_rate_per_s: float = 0.0
     # /metrics (Prometheus) served by the supervisor on this port; 0 = off.
     metrics_port: int = 0
     # Where the supervisor writes its JSON status (pids, port, ready); "" = nowhere.

@@ -72,6 +72,7 @@ class Supervisor:
         self.port = opts.port
         self.ports: list[int] = []
         self.stopping = False
+        self.draining = False
         self.restarts = 0
         self.refused_handoff = 0
         self._sel = selectors.DefaultSelector()
@@ -338,16 +339,21 @@ class Supervisor:
                 self._spawn(slot)
 
     def _shutdown(self) -> None:
+        self.draining = True
+        self._write_status()  # not ready from now on: balancers stop sending clients here
         if self.opts.balance == "handoff":
             for sock in self._listens:
                 self._sel.unregister(sock)
+                sock.close()
+            self._listens = []
         for slot in self.slots:
             if slot.pid:
                 _kill(slot.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.opts.shutdown_grace_s + 2
+        deadline = time.monotonic() + self.opts.drain_s + self.opts.shutdown_grace_s + 2
         while any(s.pid for s in self.slots) and time.monotonic() < deadline:
             self._poll(0.1)
             self._reap()
+            self._write_status()
         for slot in self.slots:
             if slot.pid:
                 _log.warning("worker did not stop in time; killing", extra={"worker_pid": slot.pid})
@@ -378,7 +384,8 @@ class Supervisor:
             "port": self.port,
             "ports": self.ports,
             "balance": self.opts.balance,
-            "ready": bool(self.slots) and all(s.ready for s in self.slots),
+            "ready": bool(self.slots) and all(s.ready for s in self.slots) and not self.draining,
+            "draining": self.draining,
             "workers": [s.pid for s in self.slots if s.pid],
             "worker_stats": [s.stats for s in self.slots],
             "restarts": self.restarts,

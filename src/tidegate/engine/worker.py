@@ -90,6 +90,12 @@ class Worker:
         self.active = 0
         self.accepted_total = 0
         self.refused_total = 0
+        self.refusals: collections.Counter[str] = collections.Counter()
+        self._tokens = 0.0
+        self._tokens_at = 0.0
+        # Only with max_connections_per_ip: the count per address, and each connection's address.
+        self._per_ip: dict[str, int] = {}
+        self._conn_ip: dict[Conn, str] = {}
         self.handoff_received = 0
         self.pings_sent = 0
         self.bytes_in = 0
@@ -110,9 +116,11 @@ class Worker:
 
     # ---- connection lifecycle (called by Conn) --------------------------------------
     def conn_opened(self, c: Conn) -> None:
-        if self.active >= self.capacity or self.stopping:
-            # Past the fd budget: refuse cleanly so the worker never hits EMFILE.
+        reason = self._admit(c)
+        if reason:
+            # Refused cleanly (past the fd budget the worker would hit EMFILE), and counted.
             self.refused_total += 1
+            self.refusals[reason] += 1
             self._refused.add(c)
             c._flags |= CLOSING
             c._transport.abort()
@@ -125,10 +133,42 @@ class Worker:
         if first:
             c.write(first)
 
+    def _admit(self, c: Conn) -> str:
+        """'' to accept, else the refusal reason."""
+        if self.active >= self.capacity:
+            return "capacity"
+        if self.stopping:
+            return "draining"
+        opts = self.opts
+        if opts.accept_rate_per_s > 0:
+            now = self.loop.time()
+            rate = opts.accept_rate_per_s / self.workers_total
+            self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+            self._tokens_at = now
+            if self._tokens < 1:
+                return "rate_limit"
+            self._tokens -= 1
+        if opts.max_connections_per_ip > 0:
+            peer = c._transport.get_extra_info("peername")
+            ip = peer[0] if peer else ""
+            if self._per_ip.get(ip, 0) >= opts.max_connections_per_ip:
+                return "per_ip_limit"
+            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+            self._conn_ip[c] = ip
+        return ""
+
     def conn_lost(self, c: Conn, exc: Exception | None) -> None:
         if c in self._refused:
             self._refused.discard(c)
             return
+        if self._conn_ip:
+            ip = self._conn_ip.pop(c, None)
+            if ip is not None:
+                left = self._per_ip[ip] - 1
+                if left:
+                    self._per_ip[ip] = left
+                else:
+                    del self._per_ip[ip]
         self.wheel.cancel(c)
         self.paused.discard(c)
         self.active -= 1
@@ -230,6 +270,7 @@ class Worker:
             "active": self.active,
             "accepted": self.accepted_total,
             "refused": self.refused_total,
+            "refusals": dict(self.refusals),
             "handoff_received": self.handoff_received,
             "pings_sent": self.pings_sent,
             "closes": dict(self.closes),
@@ -350,6 +391,8 @@ class Worker:
             self._stopped.set()
 
     async def _shutdown(self) -> None:
+        """Drain: stop accepting, say goodbye to the connections a slice at a time over
+        ``drain_s`` (flushing their output), then give stragglers ``shutdown_grace_s``."""
         for server in self._servers:
             server.close()
         for h in self.handlers:
@@ -357,8 +400,21 @@ class Worker:
                 h.on_shutdown(self)
             except Exception:
                 _log.exception("on_shutdown failed")
-        for c in self.connections():
-            c.close("shutdown")
+        conns = self.connections()
+        _log.info("draining", extra={"connections": len(conns), "drain_s": self.opts.drain_s})
+        steps = max(1, int(self.opts.drain_s / self.opts.tick_s))
+        per_step = max(1, -(-len(conns) // steps))
+        for i in range(0, len(conns), per_step):
+            for c in conns[i : i + per_step]:
+                if not c.closing:
+                    self.close_reasons.setdefault(c, "drain")
+                    try:
+                        c._h.on_drain(c)
+                    except Exception:
+                        _log.exception("on_drain failed")
+                        c.close("drain")
+            if i + per_step < len(conns):
+                await asyncio.sleep(self.opts.tick_s)
         deadline = time.monotonic() + self.opts.shutdown_grace_s
         while self.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -76,7 +76,12 @@ class TidegateCollector:
             yield fam
 
         refused = CounterMetricFamily("tidegate_refused", "Connections refused.", labels=["reason"])
-        refused.add_metric(["capacity"], sum(s.get("refused", 0) for _, s in w))
+        reasons: dict[str, int] = {}
+        for _, s in w:
+            for reason, n in s.get("refusals", {}).items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        for reason, n in sorted(reasons.items()):
+            refused.add_metric([reason], n)
         refused.add_metric(["no_worker"], sup.get("refused_handoff", 0))
         yield refused
 
@@ -136,14 +141,19 @@ def _app_metrics(w: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
         if name.endswith("_total"):
             name = name[: -len("_total")]
         if "" in values and len(values) == 1:
-            fam: Metric = (CounterMetricFamily(name, key) if key.endswith("_total")
-                           else GaugeMetricFamily(name, key))
-            fam.add_metric([], values[""])
-        else:
-            fam = CounterMetricFamily(name, key, labels=["kind"])
-            for label, n in sorted(values.items()):
-                fam.add_metric([label or "all"], n)
-        yield fam
+            if key.endswith("_total"):
+                counter = CounterMetricFamily(name, key)
+                counter.add_metric([], values[""])
+                yield counter
+            else:
+                gauge = GaugeMetricFamily(name, key)
+                gauge.add_metric([], values[""])
+                yield gauge
+            continue
+        by_kind = CounterMetricFamily(name, key, labels=["kind"])
+        for label, n in sorted(values.items()):
+            by_kind.add_metric([label or "all"], n)
+        yield by_kind
     for key, snaps in sorted(hists.items()):
         yield _histogram(f"tidegate_{key}", key, snaps)
 
@@ -151,7 +161,7 @@ def _app_metrics(w: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
 def serve(port: int, workers: WorkerStats, supervisor: SupervisorStats, host: str = "") -> Any:
     """Start the /metrics HTTP server (a thread in the supervisor). Returns the server."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(TidegateCollector(workers, supervisor))  # type: ignore[arg-type]
+    registry.register(TidegateCollector(workers, supervisor))
     server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=registry)
     return server
 

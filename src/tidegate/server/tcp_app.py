@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tidegate.engine.conn import Conn
 from tidegate.engine.handler import EventHandler
-from tidegate.gateway.codes import ProtocolError
+from tidegate.gateway.codes import DISCONNECT_SHUTDOWN, ProtocolError
 from tidegate.gateway.node import Node
 from tidegate.gateway.session import ClientSession
 from tidegate.protocol.codec import FrameError, FrameTooLarge
@@ -85,6 +85,12 @@ class TcpApp(EventHandler):
             session.on_transport_closed()
             session.transport.conn = None  # type: ignore[attr-defined]  # break the cycle
         c.context = None
+
+    def on_drain(self, c: Conn) -> None:
+        session = c.context
+        if isinstance(session, ClientSession) and not session.closed:
+            session.disconnect(DISCONNECT_SHUTDOWN)
+        c.close("drain")
 
     def ping_frame(self, c: Conn) -> bytes | None:
         session = c.context

@@ -15,6 +15,7 @@ from typing import Any
 from tidegate import log
 from tidegate.engine.conn import Conn
 from tidegate.engine.handler import EventHandler
+from tidegate.gateway.codes import DISCONNECT_SHUTDOWN
 from tidegate.gateway.config import GatewayConfig
 from tidegate.gateway.node import Node
 from tidegate.gateway.session import ClientSession
@@ -87,6 +88,12 @@ class WebSocketApp(EventHandler):
             ctx.on_transport_closed()
             ctx.transport.conn = None  # type: ignore[attr-defined]  # break conn<->session
         c.context = None
+
+    def on_drain(self, c: Conn) -> None:
+        ctx = c.context
+        if isinstance(ctx, ClientSession) and not ctx.closed:
+            ctx.disconnect(DISCONNECT_SHUTDOWN)  # 3001: the SDK reconnects, elsewhere
+        c.close("drain")
 
     def ping_frame(self, c: Conn) -> bytes | None:
         ctx = c.context
