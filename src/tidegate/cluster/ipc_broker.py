@@ -25,6 +25,7 @@ from tidegate.engine import control
 from tidegate.gateway.broker import Broker, BrokerEventHandler, MemoryBroker
 from tidegate.gateway.history import RecoveryResult
 from tidegate.gateway.messages import ClientInfo, HistoryResult, Publication
+from tidegate.observe.tracing import PUBLISH_TRACEPARENT, TRACING
 
 if TYPE_CHECKING:
     from tidegate.engine.worker import Worker
@@ -77,14 +78,21 @@ class IpcBroker(Broker):
             self._worker.send_control(control.RELAY, pickle.dumps(msg, pickle.HIGHEST_PROTOCOL))
 
     def _deliver_everywhere(self, kind: str, channel: str, obj: Any) -> None:
-        self._deliver_here(kind, channel, obj)
-        self._relay((kind, channel, obj))
+        tp = PUBLISH_TRACEPARENT.get()
+        self._deliver_here(kind, channel, obj, tp)
+        self._relay((kind, channel, obj, tp))
 
-    def _deliver_here(self, kind: str, channel: str, obj: Any) -> None:
+    def _deliver_here(self, kind: str, channel: str, obj: Any, tp: str | None = None) -> None:
         h = self._handler
         if h is None:
             return
         if kind == "pub":
+            if tp is not None and TRACING.enabled:
+                parent = TRACING.context_from(tp)
+                with TRACING.span("deliver", parent, **{"tidegate.channel": channel,
+                                                        "tidegate.worker": self.index}):
+                    h.handle_publication(channel, obj)
+                return
             h.handle_publication(channel, obj)
         elif kind == "join":
             h.handle_join(channel, obj)
@@ -106,7 +114,8 @@ class IpcBroker(Broker):
         rid = next(self._rids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        body = pickle.dumps((rid, self.index, name, args, kw), pickle.HIGHEST_PROTOCOL)
+        msg = (rid, self.index, name, args, kw, PUBLISH_TRACEPARENT.get())
+        body = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
         try:
             if not self._worker.send_control(control.TO, target.to_bytes(2, "big") + body):
                 raise BrokerUnavailable(f"cannot reach worker {target}")
@@ -124,8 +133,8 @@ class IpcBroker(Broker):
 
     # ---- receiving --------------------------------------------------------------------
     def _on_relay(self, body: bytes) -> None:
-        kind, channel, obj = pickle.loads(body)
-        self._deliver_here(kind, channel, obj)
+        kind, channel, obj, tp = pickle.loads(body)
+        self._deliver_here(kind, channel, obj, tp)
 
     def _on_direct(self, body: bytes) -> None:
         msg = pickle.loads(body)
@@ -140,7 +149,8 @@ class IpcBroker(Broker):
         asyncio.get_running_loop().create_task(self._serve(msg))
 
     async def _serve(self, msg: tuple[Any, ...]) -> None:
-        rid, origin, name, args, kw = msg
+        rid, origin, name, args, kw, tp = msg
+        PUBLISH_TRACEPARENT.set(tp)  # this task's own context: delivery joins the caller's trace
         try:
             reply = (rid, None, True, await _result(self._services[name](*args, **kw)))
         except Exception as exc:  # the caller gets the same exception (e.g. Unrecoverable)

@@ -55,6 +55,9 @@ class EngineOptions:
     # Admission limits: 0 = off. The accept rate is for the whole node (split over workers).
     max_connections_per_ip: int = 0
     accept_rate_per_s: float = 0.0
+    # OpenTelemetry traces: none | console | otlp (OTEL_EXPORTER_OTLP_ENDPOINT), sampled.
+    tracing_exporter: str = "none"
+    tracing_sample_ratio: float = 1.0
     # /metrics (Prometheus) served by the supervisor on this port; 0 = off.
     metrics_port: int = 0
     # Where the supervisor writes its JSON status (pids, port, ready); "" = nowhere.

@@ -435,6 +435,10 @@ def run_worker(
     loop = new_event_loop(opts.loop)
     asyncio.set_event_loop(loop)
     _current.update(index=index, workers_total=workers_total, ctrl=ctrl)
+    if opts.tracing_exporter != "none":
+        from tidegate.observe.tracing import TRACING
+
+        TRACING.setup(opts.tracing_exporter, opts.tracing_sample_ratio, worker=index)
     worker = Worker(opts, handler_factory(), index, ctrl, workers_total)
     loop.add_signal_handler(signal.SIGTERM, worker.stop)
     loop.add_signal_handler(signal.SIGHUP, worker.reload_tls)

@@ -2,7 +2,7 @@
 
 The loop side is ONE timer per worker: a ``loop.call_later(tick_s)`` chain whose callback
 stores when the next beat is due and records how late it ran (the loop lag) in a
-:class:`LagHistogram`. A daemon watchdog thread wakes every ``threshold/4``; when the beat is
+fixed-bucket :class:`~tidegate.observe.histogram.Histogram` (1 ms .. 10 s). A daemon watchdog thread wakes every ``threshold/4``; when the beat is
 overdue by more than ``threshold_ms`` the loop is stuck in one callback, so it samples the loop
 thread's Python stack (``sys._current_frames()``) and reports the stall once: a
 ``tidegate.stall`` warning ``"loop stall"`` with ``stall_ms`` and ``stack``, ``stalls_total``
@@ -32,17 +32,19 @@ Wiring:
     Worker.stats()::
 
         out["stall"] = self.stall.stats()    # JSON-safe dict: stalls_total, stall_longest_ms,
-                                             # stall_ongoing_ms, loop_lag (histogram snapshot)
+                                             # stall_ongoing_ms, loop_lag_max_ms, loop_lag (a
+                                             # Histogram snapshot: bounds, counts, sum)
 
     Worker._shutdown()::
 
         self.stall.stop()
 
-    Supervisor (status/metrics across workers)::
+    observe/metrics.py, TidegateCollector.collect (a histogram per worker, like gc_pause)::
 
-        from tidegate.observe.stall import merge_snapshots, quantile
-        lag = merge_snapshots([s["stall"]["loop_lag"] for s in worker_stats if "stall" in s])
-        p99_s = quantile(lag, 0.99)
+        yield _histogram("tidegate_loop_lag_seconds", "How late the loop ran a due timer.",
+                         [(i, s.get("stall", {}).get("loop_lag", {})) for i, s in w])
+        # plus counters from s["stall"]["stalls_total"] (tidegate_loop_stalls) and a gauge
+        # from s["stall"]["stall_longest_ms"]; across workers: Histogram.merge / .quantile
 """
 
 from __future__ import annotations
@@ -53,76 +55,14 @@ import sys
 import threading
 import time
 import traceback
-from bisect import bisect_left
-from collections.abc import Iterable, Mapping
 from typing import Any
 
-# Prometheus-style upper bounds (seconds); a last, implicit +Inf bucket holds the rest.
+from tidegate.observe.histogram import Histogram
+
+# Prometheus' default upper bounds from 1 ms (seconds); Histogram adds a last +Inf bucket.
 LAG_BOUNDS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
-
-
-class LagHistogram:
-    """Fixed buckets (``v <= bound``, as Prometheus' ``le``), a count and a sum."""
-
-    __slots__ = ("bounds", "counts", "sum", "count", "max")
-
-    def __init__(self, bounds: tuple[float, ...] = LAG_BOUNDS) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; last is +Inf
-        self.sum = 0.0
-        self.count = 0
-        self.max = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
-        if value > self.max:
-            self.max = value
-
-    def snapshot(self) -> dict[str, Any]:
-        """A plain, JSON-safe dict (for the control channel): bounds, counts, sum, count, max."""
-        return {
-            "bounds": list(self.bounds),
-            "counts": list(self.counts),
-            "sum": self.sum,
-            "count": self.count,
-            "max": self.max,
-        }
-
-
-def merge_snapshots(snaps: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Add up histogram snapshots that share bounds (one per worker) into one snapshot."""
-    out: dict[str, Any] = LagHistogram().snapshot()
-    first = True
-    for s in snaps:
-        if first:
-            out = {**s, "bounds": list(s["bounds"]), "counts": list(s["counts"])}
-            first = False
-            continue
-        if list(s["bounds"]) != out["bounds"]:
-            raise ValueError("histograms with different bounds")
-        out["counts"] = [a + b for a, b in zip(out["counts"], s["counts"], strict=True)]
-        out["sum"] += s["sum"]
-        out["count"] += s["count"]
-        out["max"] = max(out["max"], s["max"])
-    return out
-
-
-def quantile(snap: Mapping[str, Any], q: float) -> float | None:
-    """Upper bound of the bucket holding quantile ``q`` (``inf`` past the last); None if empty."""
-    total = snap["count"]
-    if not total:
-        return None
-    rank = q * total
-    seen = 0
-    for bound, n in zip([*snap["bounds"], float("inf")], snap["counts"], strict=True):
-        seen += n
-        if seen >= rank:
-            return float(bound)
-    return float("inf")
 
 
 class StallDetector:
@@ -141,7 +81,8 @@ class StallDetector:
         self.threshold_s = threshold_ms / 1000.0
         self.tick_s = tick_s
         self.poll_s = max(self.threshold_s / 4, 0.001)
-        self.lag = LagHistogram()
+        self.lag = Histogram(LAG_BOUNDS)  # how late each beat ran, seconds
+        self.lag_max_s = 0.0
         self.stalls_total = 0
         self.longest_stall_s = 0.0
         self._log = logger or logging.getLogger("tidegate.stall")
@@ -194,6 +135,7 @@ class StallDetector:
             "stalls_total": self.stalls_total,
             "stall_longest_ms": round(max(self.longest_stall_s, ongoing) * 1000, 1),
             "stall_ongoing_ms": round(ongoing * 1000, 1),
+            "loop_lag_max_ms": round(self.lag_max_s * 1000, 1),
             "loop_lag": self.lag.snapshot(),
         }
 
@@ -214,7 +156,12 @@ class StallDetector:
             self._due = now + self.tick_s
             if lag > self.threshold_s:
                 self._stall_ended(lag, reported)
-        self.lag.observe(lag if lag > 0.0 else 0.0)
+        if lag > 0.0:
+            self.lag.observe(lag)
+            if lag > self.lag_max_s:
+                self.lag_max_s = lag
+        else:
+            self.lag.observe(0.0)
         if self._running:
             self._handle = self.loop.call_later(self.tick_s, self._beat)
 

@@ -25,6 +25,7 @@ from tidegate.gateway.codes import Disconnect, ReplyError
 from tidegate.gateway.history import Unrecoverable
 from tidegate.gateway.messages import ClientInfo, Publication
 from tidegate.gateway.node import Node
+from tidegate.observe.tracing import PUBLISH_TRACEPARENT, TRACING
 
 _log = log.get("api")
 CallAll = Callable[..., Awaitable[list[Any]]]
@@ -135,6 +136,19 @@ class HttpApi:
         if fn is None:
             self._count("method_not_found")
             return 200, _err(ERROR_METHOD_NOT_FOUND, "method not found")
+        if not TRACING.enabled:
+            return await self._call(name, fn, params)
+        parent = TRACING.context_from(headers.get("traceparent"))
+        with TRACING.span(f"api.{name}", parent, **_span_attrs(params)) as span:
+            token = PUBLISH_TRACEPARENT.set(TRACING.traceparent(span))
+            try:
+                status, body = await self._call(name, fn, params)
+            finally:
+                PUBLISH_TRACEPARENT.reset(token)
+            span.set_attribute("http.status_code", status)
+            return status, body
+
+    async def _call(self, name: str, fn: Any, params: dict[str, Any]) -> tuple[int, bytes]:
         try:
             result = await fn(params)
         except ApiError as exc:
@@ -314,6 +328,11 @@ class HttpApi:
             **totals,
         }
         return {"nodes": [node]}
+
+
+def _span_attrs(params: dict[str, Any]) -> dict[str, Any]:
+    ch = params.get("channel")
+    return {"tidegate.channel": ch} if isinstance(ch, str) else {}
 
 
 # ---- what each worker does for the node-wide API calls ------------------------------------

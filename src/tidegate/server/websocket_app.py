@@ -19,6 +19,7 @@ from tidegate.gateway.codes import DISCONNECT_SHUTDOWN
 from tidegate.gateway.config import GatewayConfig
 from tidegate.gateway.node import Node
 from tidegate.gateway.session import ClientSession
+from tidegate.observe.tracing import TRACING
 from tidegate.protocol import websocket as ws
 from tidegate.protocol.codec import FrameError
 from tidegate.protocol.http11 import HttpError, encode_response, error_response, parse_request_head
@@ -50,6 +51,9 @@ class WebSocketApp(EventHandler):
         self.codec = ws.WebSocketFrameCodec(max_message_bytes)
         self.max_message_bytes = max_message_bytes
         self._fragments: dict[Conn, ws.Fragments] = {}
+        # Only with tracing on: the open ws.connect span (and its client.connect child) of
+        # each connection between upgrade and connect reply.
+        self._connecting: dict[Conn, list[Any]] = {}
         self.upgrades = 0
         self.messages_in = 0
         self.live_sessions = 0
@@ -83,6 +87,8 @@ class WebSocketApp(EventHandler):
     def on_close(self, c: Conn, reason: str) -> None:
         ctx = c.context
         self._fragments.pop(c, None)
+        if self._connecting:
+            self._end_connect_spans(c, f"closed before connect: {reason}")
         if isinstance(ctx, ClientSession):
             self.live_sessions -= 1
             ctx.on_transport_closed()
@@ -117,6 +123,8 @@ class WebSocketApp(EventHandler):
                     continue
                 kind = type(event)
                 self.messages_in += 1
+                if self._connecting:
+                    self._trace_connect(c, session)
                 if kind is ws.Text:
                     session.handle_commands(event.raw)  # type: ignore[union-attr]
                 elif kind is ws.Binary:
@@ -131,11 +139,29 @@ class WebSocketApp(EventHandler):
                     return
                 if not c.is_ready and session.connected:
                     c.ready()  # connected: heartbeats replace the handshake deadline
+                    if self._connecting:
+                        self._end_connect_spans(c, None)
         except FrameError as exc:
             self._fail(c, exc.close_code, exc.reason)
             return
         if frags is not None:
             self._fragments[c] = frags
+
+    # ---- tracing (only when enabled) -------------------------------------------------------
+    def _trace_connect(self, c: Conn, session: ClientSession) -> None:
+        spans = self._connecting.get(c)
+        if spans is not None and spans[1] is None:
+            spans[1] = TRACING.start("client.connect", spans[0])
+
+    def _end_connect_spans(self, c: Conn, error: str | None) -> None:
+        spans = self._connecting.pop(c, None)
+        if spans is None:
+            return
+        for span in reversed(spans):
+            if span is not None:
+                if error:
+                    span.set_attribute("error", error)
+                span.end()
 
     def _fail(self, c: Conn, code: int, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -184,6 +210,19 @@ class WebSocketApp(EventHandler):
             c.close("http_done")
 
     def _upgrade(self, c: Conn, req: Any, body_pos: int) -> bool:
+        if not TRACING.enabled:
+            return self._do_upgrade(c, req, body_pos)
+        root = TRACING.start("ws.connect", None, **{"tidegate.transport": "websocket"})
+        with TRACING.span("ws.handshake", root):
+            upgraded = self._do_upgrade(c, req, body_pos)
+        if upgraded:
+            self._connecting[c] = [root, None]
+        else:
+            root.set_attribute("error", "handshake refused")
+            root.end()
+        return upgraded
+
+    def _do_upgrade(self, c: Conn, req: Any, body_pos: int) -> bool:
         try:
             ws.validate_upgrade(req)
         except HttpError as exc:

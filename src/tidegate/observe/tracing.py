@@ -1,0 +1,113 @@
+"""OpenTelemetry traces, off by default: the hot path asks one boolean, exporters live here.
+
+Spans: ``ws.connect`` (upgrade to connect reply) with children ``ws.handshake`` and
+``client.connect`` (token check, server-side subscriptions); ``api.<method>`` for server API
+calls, continuing the caller's trace from its ``traceparent`` header; ``publish`` and
+``deliver`` (per worker, linked through the relayed publication) for publish-to-delivery.
+
+Configure with ``tracing_exporter`` = ``none`` | ``console`` | ``otlp`` (the OTLP/HTTP
+exporter honours ``OTEL_EXPORTER_OTLP_ENDPOINT``) and ``tracing_sample_ratio``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+from tidegate import log
+
+_log = log.get("tracing")
+
+
+class _Tracing:
+    __slots__ = ("enabled", "tracer", "_propagator", "_provider")
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.tracer: Any = None
+        self._propagator: Any = None
+        self._provider: Any = None
+
+    def setup(self, exporter: str, sample_ratio: float = 1.0, service: str = "tidegate",
+              worker: int = 0) -> None:
+        """Call once per worker process, after fork (the batch exporter runs a thread)."""
+        if exporter in ("", "none"):
+            self.enabled = False
+            return
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            ConsoleSpanExporter,
+            SimpleSpanProcessor,
+        )
+        from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        resource = Resource.create({"service.name": service, "tidegate.worker": worker})
+        provider = TracerProvider(resource=resource, sampler=ParentBasedTraceIdRatio(sample_ratio))
+        if exporter == "console":
+            one_line = ConsoleSpanExporter(formatter=lambda span: span.to_json(indent=None) + "\n")
+            provider.add_span_processor(SimpleSpanProcessor(one_line))
+        elif exporter == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        else:
+            raise ValueError(f"tracing_exporter must be none, console or otlp, not {exporter!r}")
+        self._provider = provider
+        self.tracer = provider.get_tracer("tidegate")
+        self._propagator = TraceContextTextMapPropagator()
+        self.enabled = True
+
+    def use_provider(self, provider: Any) -> None:
+        """Tests: send spans to a provider of their own (an in-memory exporter)."""
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self._provider = provider
+        self.tracer = provider.get_tracer("tidegate")
+        self._propagator = TraceContextTextMapPropagator()
+        self.enabled = True
+
+    def context_from(self, traceparent: str | None) -> Any:
+        if not traceparent:
+            return None
+        return self._propagator.extract({"traceparent": traceparent})
+
+    def traceparent(self, span: Any) -> str | None:
+        """The W3C header value naming ``span``, to carry across processes."""
+        from opentelemetry import trace
+
+        carrier: dict[str, str] = {}
+        self._propagator.inject(carrier, context=trace.set_span_in_context(span))
+        return carrier.get("traceparent")
+
+    def start(self, name: str, parent: Any = None, **attrs: Any) -> Any:
+        """Start a span (end it yourself); ``parent`` is a span or an extracted context."""
+        from opentelemetry import trace
+
+        ctx = trace.set_span_in_context(parent) if _is_span(parent) else parent
+        return self.tracer.start_span(name, context=ctx, attributes=attrs or None)
+
+    @contextmanager
+    def span(self, name: str, parent: Any = None, **attrs: Any) -> Iterator[Any]:
+        s = self.start(name, parent, **attrs)
+        try:
+            yield s
+        finally:
+            s.end()
+
+    def shutdown(self) -> None:
+        if self._provider is not None:
+            self._provider.shutdown()
+
+
+def _is_span(obj: Any) -> bool:
+    return obj is not None and hasattr(obj, "get_span_context")
+
+
+TRACING = _Tracing()
+# The trace a publication belongs to, carried from the API call to every worker's delivery.
+PUBLISH_TRACEPARENT: ContextVar[str | None] = ContextVar("publish_traceparent", default=None)
