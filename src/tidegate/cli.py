@@ -43,6 +43,9 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="alias of --connections-target: the load workers are sized for")
     p.add_argument("--tcp-port", dest="tcp_port", type=int, default=None,
                    help="gateway: raw TCP client port (default 8001, TIDEGATE_TCP_PORT)")
+    p.add_argument("--rpc-handler", default="",
+                   help="gateway: module:function answering client RPCs "
+                        "(tidegate.server.app:echo_rpc echoes)")
 
 
 def engine_options(args: argparse.Namespace, gateway: Any = None) -> EngineOptions:
@@ -78,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     opts = engine_options(args, config)
     if opts.port != config.port:  # --port given: the gateway follows the engine
         config = dataclasses.replace(config, port=opts.port)
-    return run(factory(config), opts)
+    return run(factory(config, args.rpc_handler), opts)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,7 +43,9 @@ def owner_of(channel: str, workers: int) -> int:
 
 
 class IpcBroker(Broker):
-    inline = False
+    # Sessions run broker calls synchronously until one really waits (a remote owner), and
+    # only then in a task: nothing here needs a current task (no asyncio.timeout).
+    inline = True
 
     def __init__(self, index: int, workers: int, history_meta_ttl_s: float = 30 * 24 * 3600.0):
         self.index = index
@@ -116,14 +118,14 @@ class IpcBroker(Broker):
         self._pending[rid] = fut
         msg = (rid, self.index, name, args, kw, PUBLISH_TRACEPARENT.get())
         body = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(REQUEST_TIMEOUT_S, _expire, fut, f"worker {target}: {name}")
         try:
             if not self._worker.send_control(control.TO, target.to_bytes(2, "big") + body):
                 raise BrokerUnavailable(f"cannot reach worker {target}")
-            async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                return await fut
-        except TimeoutError:
-            raise BrokerUnavailable(f"worker {target} did not answer {name}") from None
+            return await fut
         finally:
+            timer.cancel()
             self._pending.pop(rid, None)
 
     async def call_all(self, name: str, *args: Any, **kw: Any) -> list[Any]:
@@ -214,6 +216,11 @@ class IpcBroker(Broker):
     async def presence_stats(self, channel: str) -> tuple[int, int]:
         result: tuple[int, int] = await self._call(channel, "presence_stats")
         return result
+
+
+def _expire(fut: asyncio.Future[Any], what: str) -> None:
+    if not fut.done():
+        fut.set_exception(BrokerUnavailable(f"no answer in {REQUEST_TIMEOUT_S:g} s from {what}"))
 
 
 async def _result(value: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -19,11 +20,25 @@ from tidegate.server.websocket_app import WebSocketApp
 HISTORY_PRUNE_INTERVAL_S = 30.0
 
 
-def build(config: GatewayConfig, max_message_bytes: int = 65536) -> list[EventHandler]:
-    """The handlers of one worker: ``[websocket+api (port), tcp (tcp_port)]``."""
+def echo_rpc(session: Any, method: str, data: bytes) -> bytes:
+    """An RPC handler that answers with what it got (examples and the echo benchmark)."""
+    return data
+
+
+def build(
+    config: GatewayConfig, rpc_handler: str = "", max_message_bytes: int = 65536
+) -> list[EventHandler]:
+    """The handlers of one worker: ``[websocket+api (port), tcp (tcp_port)]``.
+
+    ``rpc_handler``: ``module:function`` called for client RPCs (``session, method, data``).
+    """
     index, total = current_worker_index()
     broker = IpcBroker(index, total, config.history_meta_ttl_s)
-    node = Node(config, broker=broker, name=f"worker-{index}")
+    rpc = None
+    if rpc_handler:
+        module, _, name = rpc_handler.partition(":")
+        rpc = getattr(importlib.import_module(module), name)
+    node = Node(config, broker=broker, rpc_handler=rpc, name=f"worker-{index}")
     api = http_api.HttpApi(node, call_all=broker.call_all)
     ws_app = WebSocketApp(node, api, max_message_bytes)
     tcp_app = TcpApp(node, max_message_bytes)
@@ -59,5 +74,5 @@ def engine_options_for(config: GatewayConfig, base: EngineOptions) -> EngineOpti
     return base
 
 
-def factory(config: GatewayConfig) -> Callable[[], Any]:
-    return functools.partial(build, config)
+def factory(config: GatewayConfig, rpc_handler: str = "") -> Callable[[], Any]:
+    return functools.partial(build, config, rpc_handler)

@@ -1,0 +1,227 @@
+"""WebSocket round trips at 1,000 connections: tidegate's RPC vs a picows echo server.
+
+    python bench/ws_echo.py [--connections 1000] [--seconds 10] [--json out.json]
+
+Both servers run as one process each on this machine, driven in turn by the same client:
+``--clients`` uvloop processes holding the connections, each connection sending its next
+message as soon as the previous answer arrives (closed loop). tidegate answers a Centrifugo
+``rpc`` command (JSON, through the client-protocol session, echo handler); picows echoes the
+raw frame. Reported: round trips per second, latency percentiles and server CPU per round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "dev-only-secret-change-me"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def masked_text(payload: bytes) -> bytes:
+    """A client text frame with an all-zero mask key (valid, and no XOR work for the client)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, 0x80 | n)) + b"\0\0\0\0" + payload
+    return bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big") + b"\0\0\0\0" + payload
+
+
+class EchoClient(asyncio.Protocol):
+    """One connection: handshake, optional connect command, then closed-loop round trips."""
+
+    def __init__(self, host: str, port: int, first: bytes | None, message: bytes,
+                 stats: dict[str, Any], ready: asyncio.Future[None]) -> None:
+        self.host, self.port = host, port
+        self.first, self.message = first, message
+        self.stats, self.ready = stats, ready
+        self.buf = b""
+        self.upgraded = False
+        self.sent_at = 0.0
+        self.running = False
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write(
+            f"GET /connection/websocket HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.upgraded:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            assert self.buf.startswith(b"HTTP/1.1 101"), self.buf[:80]
+            self.buf = self.buf[end + 4 :]
+            self.upgraded = True
+            if self.first is not None:
+                self.transport.write(masked_text(self.first))
+            else:
+                self.ready.set_result(None)
+        while len(self.buf) >= 2:
+            n = self.buf[1] & 0x7F
+            head = 2
+            if n == 126:
+                if len(self.buf) < 4:
+                    return
+                n, head = int.from_bytes(self.buf[2:4], "big"), 4
+            if len(self.buf) < head + n:
+                return
+            self.buf = self.buf[head + n :]
+            if not self.ready.done():
+                self.ready.set_result(None)  # the connect reply
+                continue
+            if self.running:
+                now = time.perf_counter()
+                self.stats["n"] += 1
+                lat = self.stats["lat"]
+                if len(lat) < 200_000:
+                    lat.append(now - self.sent_at)
+                self.sent_at = now
+                self.transport.write(self.message)
+
+    def start(self) -> None:
+        self.running = True
+        self.sent_at = time.perf_counter()
+        self.transport.write(self.message)
+
+
+def client_process(host: str, port: int, conns: int, seconds: float, tidegate: bool,
+                   out: Any) -> None:
+    import uvloop
+
+    async def main() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        stats: dict[str, Any] = {"n": 0, "lat": []}
+        token = None
+        if tidegate:
+            from tidegate.gateway.auth import encode_hs256
+
+            token = encode_hs256({"sub": "bench", "exp": int(time.time()) + 3600}, SECRET)
+        first = json.dumps({"id": 1, "connect": {"token": token}}).encode() if tidegate else None
+        body = b'{"id":2,"rpc":{"method":"echo","data":{"n":12345}}}' if tidegate else \
+            b'{"n":12345}'
+        message = masked_text(body)
+        clients = []
+        for i in range(0, conns, 100):
+            batch = []
+            for _ in range(min(100, conns - i)):
+                ready: asyncio.Future[None] = loop.create_future()
+                _, proto = await loop.create_connection(
+                    lambda r=ready: EchoClient(host, port, first, message, stats, r), host, port)
+                batch.append(proto)
+            await asyncio.gather(*(p.ready for p in batch))
+            clients += batch
+        for c in clients:
+            c.start()
+        await asyncio.sleep(seconds)
+        for c in clients:
+            c.running = False
+            c.transport.abort()
+        return stats
+
+    stats = uvloop.run(main())
+    out.put({"n": stats["n"], "lat": stats["lat"][:50_000]})
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drive(name: str, port: int, server_pids: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    ctx = mp.get_context("fork")
+    q: Any = ctx.Queue()
+    per = args.connections // args.clients
+    cpu0 = sum(cpu_seconds(p) for p in server_pids)
+    procs = [ctx.Process(target=client_process,
+                         args=("127.0.0.1", port, per, args.seconds, name == "tidegate", q))
+             for _ in range(args.clients)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=args.seconds + 120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    cpu = sum(cpu_seconds(p) for p in server_pids) - cpu0
+    n = sum(r["n"] for r in results)
+    lat = sorted(x for r in results for x in r["lat"])
+    pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 3)) if lat else \
+        (lambda q: None)
+    return {
+        "connections": per * args.clients,
+        "seconds": args.seconds,
+        "round_trips": n,
+        "round_trips_per_s": round(n / args.seconds, 1),
+        "latency_ms_p50": pct(0.5),
+        "latency_ms_p99": pct(0.99),
+        "server_cpu_seconds": round(cpu, 2),
+        "server_cpu_us_per_round_trip": round(cpu / n * 1e6, 2) if n else None,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--connections", type=int, default=1000)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                              "command": sys.argv, "cores": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as tmp:
+        port, tcp, status = free_port(), free_port(), Path(tmp) / "status.json"
+        tg = subprocess.Popen(
+            [sys.executable, "-m", "tidegate", "serve", "--config", str(ROOT / "config/example.toml"),
+             "--port", str(port), "--tcp-port", str(tcp), "--metrics-port", "0", "--workers", "1",
+             "--rpc-handler", "tidegate.server.app:echo_rpc", "--status-file", str(status)],
+            stderr=subprocess.DEVNULL)
+        try:
+            while not (status.exists() and json.loads(status.read_text() or "{}").get("ready")):
+                time.sleep(0.05)
+            pids = json.loads(status.read_text())["workers"]
+            report["tidegate"] = drive("tidegate", port, pids, args)
+        finally:
+            tg.send_signal(signal.SIGTERM)
+            tg.wait(30)
+        pport = free_port()
+        pw = subprocess.Popen([sys.executable, str(ROOT / "bench/picows_echo_server.py"), str(pport)],
+                              stdout=subprocess.PIPE, text=True)
+        try:
+            assert pw.stdout is not None and pw.stdout.readline().strip() == "ready"
+            report["picows"] = drive("picows", pport, [pw.pid], args)
+        finally:
+            pw.kill()
+            pw.wait()
+    t, p = report["tidegate"]["round_trips_per_s"], report["picows"]["round_trips_per_s"]
+    report["tidegate_vs_picows_round_trips"] = round(t / p, 3) if p else None
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
