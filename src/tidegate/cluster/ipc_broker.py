@@ -16,6 +16,7 @@ import asyncio
 import inspect
 import itertools
 import pickle
+import time
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from tidegate.engine import control
 from tidegate.gateway.broker import Broker, BrokerEventHandler, MemoryBroker
 from tidegate.gateway.history import RecoveryResult
 from tidegate.gateway.messages import ClientInfo, HistoryResult, Publication
+from tidegate.observe.histogram import Histogram
 from tidegate.observe.tracing import PUBLISH_TRACEPARENT, TRACING
 
 if TYPE_CHECKING:
@@ -57,6 +59,8 @@ class IpcBroker(Broker):
         self._worker: Worker | None = None
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self.latency = Histogram()  # calls to another worker (an owner): IPC round trips
+        self.errors = 0
         # Callables other workers may run here by name: the owned stores' methods, plus what
         # the node registers (API actions on local sessions, per-worker counts).
         self._services: dict[str, Callable[..., Any]] = {
@@ -73,6 +77,9 @@ class IpcBroker(Broker):
 
     def register(self, handler: BrokerEventHandler) -> None:
         self._handler = handler
+
+    def stats(self) -> dict[str, Any]:
+        return {"broker_call_seconds": self.latency.snapshot(), "broker_errors_total": self.errors}
 
     # ---- sending ----------------------------------------------------------------------
     def _relay(self, msg: tuple[Any, ...]) -> None:
@@ -113,6 +120,17 @@ class IpcBroker(Broker):
         """Run service ``name`` on worker ``target`` and return its result (or raise its error)."""
         if target == self.index or self._worker is None:
             return await _result(self._services[name](*args, **kw))
+        t0 = time.perf_counter()
+        try:
+            return await self._remote(target, name, args, kw)
+        except Exception:
+            self.errors += 1
+            raise
+        finally:
+            self.latency.observe(time.perf_counter() - t0)
+
+    async def _remote(self, target: int, name: str, args: Any, kw: Any) -> Any:
+        assert self._worker is not None
         rid = next(self._rids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut

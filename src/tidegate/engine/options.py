@@ -46,6 +46,10 @@ class EngineOptions:
     tls_cert_file: str = ""
     tls_key_file: str = ""
 
+    # The bounded pool for blocking work (worker.blocking): threads, then callers that may wait.
+    blocking_threads: int = 4
+    blocking_max_waiting: int = 64
+
     # Cyclic GC: young-generation threshold (objects); start-up objects are frozen.
     gc_gen0_threshold: int = 50_000
     # SIGTERM drains: disconnects (with a reconnect hint) are spread over this long, so the

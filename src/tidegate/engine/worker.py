@@ -13,6 +13,7 @@ from typing import Any
 
 from tidegate import log
 from tidegate.engine import control, gc_control, tls
+from tidegate.engine.blocking import BlockingPool
 from tidegate.engine.conn import CLOSING, PING_OUT, READY, Conn
 from tidegate.engine.handler import EventHandler
 from tidegate.engine.limits import raise_nofile
@@ -107,6 +108,7 @@ class Worker:
         self._write_waiters: dict[Conn, asyncio.Future[None]] = {}
         self._refused: set[Conn] = set()
         self.gc_stats: gc_control.GcStats | None = None
+        self.blocking = BlockingPool(opts.blocking_threads, opts.blocking_max_waiting)
         self.stopping = False
         self._stopped = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
@@ -280,6 +282,7 @@ class Worker:
             "write_buffer_bytes": self._write_buffer_bytes(),
             "heartbeat_rtt": self.heartbeat_rtt.snapshot(),
             "apps": [h.stats() for h in self.handlers],
+            "blocking": self.blocking.stats(),
         }
         if self.gc_stats is not None:
             out["gc_collections"] = self.gc_stats.collections

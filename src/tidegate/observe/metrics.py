@@ -106,6 +106,17 @@ class TidegateCollector:
         yield _histogram("tidegate_gc_pause_seconds", "Cyclic GC pauses.",
                          [(i, s.get("gc_pause", {})) for i, s in w])
 
+        busy = GaugeMetricFamily("tidegate_blocking_pool_busy", "Blocking-pool threads busy.",
+                                 labels=["worker"])
+        rejected = CounterMetricFamily("tidegate_blocking_pool_rejections",
+                                       "Blocking-pool calls refused (full or past deadline).",
+                                       labels=["worker"])
+        for idx, s in w:
+            b = s.get("blocking", {})
+            busy.add_metric([idx], b.get("busy", 0))
+            rejected.add_metric([idx], b.get("rejections", 0))
+        yield from (busy, rejected)
+
         restarts = CounterMetricFamily("tidegate_worker_restarts", "Workers restarted.")
         restarts.add_metric([], sup.get("restarts", 0))
         yield restarts

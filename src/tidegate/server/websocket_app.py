@@ -72,6 +72,7 @@ class WebSocketApp(EventHandler):
             "api_requests_total": dict(self.api.requests),
             "fanout_writes_total": hub.fanout_writes,
             "channels": hub.num_channels(),
+            **(self.node.broker.stats() if hasattr(self.node.broker, "stats") else {}),
         }
 
     # ---- engine callbacks ----------------------------------------------------------------
