@@ -10,6 +10,7 @@ need=()
 command -v node >/dev/null 2>&1 || need+=(nodejs)  # tests/test_js_sdk.py: centrifuge-js
 command -v npm >/dev/null 2>&1 || need+=(npm)
 [ -x /usr/bin/chromium ] || need+=(chromium)       # headless browser for the same tests
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)  # tests/test_slo_rules.py: promtool
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then echo "missing packages: ${need[*]} (run as root)" >&2; exit 1; fi
