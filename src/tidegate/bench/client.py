@@ -11,8 +11,9 @@ ports per (source, destination) pair never run out, and keeps its connections le
 * connects are done by at most ``max_inflight`` coroutines at a time.
 
 The runner talks to the process over pipes. Commands arrive on stdin, one word a line:
-``go`` (start connecting), ``halt`` (stop connecting), ``close`` (end the hold: close everything,
-report, exit). End of stdin means the runner is gone: close and exit. The process writes JSON
+``go`` (start connecting), ``halt`` (stop connecting), ``hold`` (every client is connected: the
+pings sent from now on are the hold phase's), ``close`` (end the hold: close everything, report,
+exit). End of stdin means the runner is gone: close and exit. The process writes JSON
 lines on stdout: ``ready``, then ``progress`` every ``progress_interval_s``, ``connected`` when
 its connects are done, and ``final`` with its counters and histograms.
 
@@ -88,6 +89,13 @@ class ClientConfig:
     pong_timeout_s: float = 10.0
     connect_timeout_s: float = 15.0
     close_mode: str = "rst"  # "rst": SO_LINGER 0 (no TIME_WAIT); "fin": orderly shutdown
+    # A first ping ("hello") sent as soon as the TCP connect completes: its PONG says the
+    # server's app holds the connection (counted as confirmed), and the server sees the client
+    # speak at once rather than a full ping interval later.
+    hello: bool = True
+    # When a connect counts as established: "tcp": the TCP handshake completed (the kernel may
+    # still hold the connection in the listener's accept queue); "pong": the hello was answered.
+    established_on: str = "tcp"
     close_timeout_s: float = 30.0
     progress_interval_s: float = 0.25
     lifetime_s: float = 3600.0
@@ -115,9 +123,14 @@ class Stats:
         "server_pings",
         "data_frames",
         "protocol_errors",
-        "rtt_us",
-        "rtt_connecting_us",
-        "rtt_held_us",
+        "hold_since_ns",
+        "window_rtt_max_us",
+        "rtt_connect_phase_us",
+        "rtt_hold_us",
+        "hello_sent",
+        "confirmed",
+        "last_confirmed_ns",
+        "hello_rtt_us",
         "connect_us",
         "first_established_ns",
         "last_established_ns",
@@ -139,11 +152,17 @@ class Stats:
         self.server_pings = 0
         self.data_frames = 0
         self.protocol_errors = 0
-        # RTT samples go to ``rtt_us``: the histogram of the phase this process is in (its own
-        # connects running, or done), so the report can tell the two apart.
-        self.rtt_connecting_us = Histogram()
-        self.rtt_held_us = Histogram()
-        self.rtt_us = self.rtt_connecting_us
+        # RTT samples are filed by the phase their ping was sent in: before or after the
+        # runner's ``hold`` command (every client connected), so the report can tell the
+        # connect storm from the steady state.
+        self.rtt_connect_phase_us = Histogram()
+        self.rtt_hold_us = Histogram()
+        self.hold_since_ns = 1 << 63
+        self.hello_sent = 0
+        self.confirmed = 0  # connections whose hello the server answered
+        self.last_confirmed_ns = 0
+        self.hello_rtt_us = Histogram()
+        self.window_rtt_max_us = 0  # the largest hold-phase RTT since the last progress line
         self.connect_us = Histogram()
         self.first_established_ns = 0
         self.last_established_ns = 0
@@ -168,6 +187,7 @@ class Stats:
             "missed": self.missed,
             "outstanding": self.outstanding,
             "server_pings": self.server_pings,
+            "confirmed": self.confirmed,
         }
 
 
@@ -186,7 +206,8 @@ class ClientConnection(typing.Protocol):
     Implementations are ``asyncio.Protocol`` subclasses with ``__slots__`` holding at least
     ``ping_sent`` (the token of the unanswered ping, 0 when none) and ``state``. A connection
     starts PENDING; the client process makes it OPEN (and counts it in ``Stats.open``) once the
-    driver's ``open`` returned it. From then on the connection reports its own end: it takes
+    driver's ``open`` returned it (``close`` on a PENDING connection just drops it, uncounted).
+    From then on the connection reports its own end: it takes
     itself out of ``Stats.open`` and counts an unexpected close unless it was CLOSING. A
     connection lost while still PENDING is the connect's failure, counted there.
     """
@@ -220,7 +241,7 @@ class ClientDriver:
 class RawConnection(asyncio.Protocol):
     """A connection speaking length-prefixed heartbeat frames (:mod:`tidegate.protocol.heartbeat`)."""
 
-    __slots__ = ("transport", "rbuf", "ping_sent", "state")
+    __slots__ = ("transport", "rbuf", "ping_sent", "state", "hello", "waiter")
     stats: ClassVar[Stats]
 
     def __init__(self) -> None:
@@ -228,6 +249,9 @@ class RawConnection(asyncio.Protocol):
         self.rbuf = b""
         self.ping_sent = 0
         self.state = PENDING
+        self.hello = 0  # the token of the unanswered hello, 0 when none
+        # With --established-on pong: the connect waits on it, resolved by the hello's PONG.
+        self.waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
@@ -252,8 +276,25 @@ class RawConnection(asyncio.Protocol):
             kind = data[pos + 4]
             if kind == PONG:
                 token = int.from_bytes(data[pos + 5 : end], "big")
-                if token and token == self.ping_sent:
-                    stats.rtt_us.record((time.monotonic_ns() - token) // 1000)
+                if token and token == self.hello:  # the server's app has the connection
+                    self.hello = 0
+                    now = time.monotonic_ns()
+                    stats.confirmed += 1
+                    stats.last_confirmed_ns = now
+                    stats.hello_rtt_us.record((now - token) // 1000)
+                    waiter = self.waiter
+                    if waiter is not None:
+                        self.waiter = None
+                        if not waiter.done():
+                            waiter.set_result(None)
+                elif token and token == self.ping_sent:
+                    rtt_us = (time.monotonic_ns() - token) // 1000
+                    if token >= stats.hold_since_ns:
+                        stats.rtt_hold_us.record(rtt_us)
+                        if rtt_us > stats.window_rtt_max_us:
+                            stats.window_rtt_max_us = rtt_us
+                    else:
+                        stats.rtt_connect_phase_us.record(rtt_us)
                     stats.pongs += 1
                     stats.outstanding -= 1
                     self.ping_sent = 0
@@ -283,6 +324,12 @@ class RawConnection(asyncio.Protocol):
         self.state = CLOSED
         self.transport = None
         self.rbuf = b""
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_exception(exc or ConnectionResetError(
+                    errno.ECONNRESET, "closed by the server before answering the first ping"))
         if state == PENDING or state == CLOSED:
             return
         stats.open -= 1
@@ -303,8 +350,10 @@ class RawConnection(asyncio.Protocol):
         return True
 
     def close(self) -> None:
-        if self.state == OPEN or self.state == PENDING:
+        if self.state == OPEN:
             self.state = CLOSING
+        elif self.state == PENDING:
+            self.state = CLOSED  # never counted as open: nothing to account for
         transport = self.transport
         if transport is not None:
             transport.close()
@@ -318,7 +367,25 @@ class RawDriver(ClientDriver):
         RawConnection.stats = stats
 
     async def open(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> ClientConnection:
-        _, conn = await loop.create_connection(RawConnection, sock=sock)
+        transport, conn = await loop.create_connection(RawConnection, sock=sock)
+        if not self.config.hello:
+            return conn
+        token = time.monotonic_ns()
+        conn.hello = token
+        self.stats.hello_sent += 1
+        transport.write(b"\x00\x00\x00\x09\x01" + token.to_bytes(8, "big"))
+        if self.config.established_on == "pong":
+            # Established once the server's app answers: a connection still waiting in the
+            # listener's accept queue does not count, and the in-flight window then bounds
+            # that queue (no overflow, no SYN retransmission stalls).
+            waiter: asyncio.Future[None] = loop.create_future()
+            conn.waiter = waiter
+            try:
+                await waiter
+            except BaseException:
+                conn.waiter = None
+                conn.close()
+                raise
         return conn
 
 
@@ -432,8 +499,9 @@ class PingWheel:
 class Control:
     """The runner's commands, read from stdin without blocking the loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, stats: Stats) -> None:
         self.loop = loop
+        self.stats = stats
         self.go = asyncio.Event()
         self.halt = asyncio.Event()
         self.close = asyncio.Event()
@@ -466,6 +534,8 @@ class Control:
             command = line.strip().decode("ascii", "replace")
             if command == "go":
                 self.go.set()
+            elif command == "hold":
+                self.stats.hold_since_ns = time.monotonic_ns()
             elif command == "halt":
                 self.halt.set()
             elif command == "close":
@@ -498,7 +568,7 @@ class ClientProcess:
         self.wheel = PingWheel(
             self.loop, self.stats, config.ping_interval_s, config.pong_timeout_s, config.tick_s
         )
-        self.control = Control(self.loop)
+        self.control = Control(self.loop, self.stats)
         self.next_index = 0
         self.address = (config.host, config.port)
         self.connect_started_ns = 0
@@ -575,10 +645,12 @@ class ClientProcess:
     async def _progress_loop(self) -> None:
         interval = self.config.progress_interval_s
         last: dict[str, int] | None = None
+        stats = self.stats
         while True:
-            snapshot = self.stats.progress()
-            if snapshot != last:
-                emit("progress", **snapshot)
+            snapshot = stats.progress()
+            if snapshot != last or stats.window_rtt_max_us:
+                emit("progress", **snapshot, rtt_max_us=stats.window_rtt_max_us)
+                stats.window_rtt_max_us = 0
                 last = snapshot
             await asyncio.sleep(interval)
 
@@ -598,7 +670,6 @@ class ClientProcess:
         ]
         await asyncio.gather(*workers)
         self.connect_done_ns = time.monotonic_ns()
-        stats.rtt_us = stats.rtt_held_us
         emit(
             "connected",
             **stats.progress(),
@@ -645,8 +716,11 @@ class ClientProcess:
             late_pongs=stats.late_pongs,
             data_frames=stats.data_frames,
             protocol_errors=stats.protocol_errors,
-            rtt_connecting_us=stats.rtt_connecting_us.to_dict(),
-            rtt_held_us=stats.rtt_held_us.to_dict(),
+            rtt_connect_phase_us=stats.rtt_connect_phase_us.to_dict(),
+            hello_rtt_us=stats.hello_rtt_us.to_dict(),
+            hello_sent=stats.hello_sent,
+            last_confirmed_ns=stats.last_confirmed_ns,
+            rtt_hold_us=stats.rtt_hold_us.to_dict(),
             connect_us=stats.connect_us.to_dict(),
             connect_started_ns=self.connect_started_ns,
             connect_done_ns=self.connect_done_ns,

@@ -138,6 +138,32 @@ def tcp_sockstat() -> dict[str, int]:
     return {}
 
 
+def tcp_ext() -> dict[str, int]:
+    """The ``TcpExt`` counters of /proc/net/netstat (``ListenOverflows``, ``ListenDrops``...)."""
+    text = _read_text("/proc/net/netstat") or ""
+    lines = text.splitlines()
+    for names, values in zip(lines, lines[1:], strict=False):
+        if names.startswith("TcpExt:") and values.startswith("TcpExt:"):
+            out: dict[str, int] = {}
+            for name, value in zip(names.split()[1:], values.split()[1:], strict=False):
+                try:
+                    out[name] = int(value)
+                except ValueError:
+                    pass
+            return out
+    return {}
+
+
+TCP_EXT_WATCHED = ("ListenOverflows", "ListenDrops", "SyncookiesSent", "TCPReqQFullDrop",
+                   "TCPAbortOnData", "TCPAbortOnClose", "TCPTimeWaitOverflow")
+
+
+def tcp_ext_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The watched counters' growth between two :func:`tcp_ext` readings."""
+    return {name: after[name] - before[name] for name in TCP_EXT_WATCHED
+            if name in before and name in after}
+
+
 def page_size() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE")

@@ -12,6 +12,10 @@ A run goes through phases, each with a deadline, so it always ends by itself:
 5. close: tell the clients to close, collect their final counters and histograms;
 6. measure the server's CPU once it is quiet again, stop it, write the report.
 
+Figures are measured, never estimated: what cannot be measured (the memory of a ``--target``
+server without its status file) is ``null``. Heartbeat RTT percentiles are those of the pings
+sent during the hold (every connection up); the connect phase's are reported apart.
+
 On Ctrl-C, SIGTERM or any failure, the clients and the server the bench started are stopped
 (and they die with the runner anyway: see :mod:`tidegate.bench.guard`).
 """
@@ -90,6 +94,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "(default: 10)")
     g.add_argument("--protocol", choices=sorted(PROTOCOLS), default="raw",
                    help="wire protocol the clients speak (default: raw)")
+    g.add_argument("--established-on", choices=("tcp", "pong"), default="tcp",
+                   help="when a connect counts as established: tcp: the TCP handshake "
+                   "completed, though the connection may still wait in the server's accept "
+                   "queue (default); pong: the server answered the hello, which also bounds "
+                   "that queue by --max-inflight")
+    g.add_argument("--no-hello", dest="hello", action="store_false",
+                   help="do not send a first ping as soon as a connect completes (by default "
+                   "one is sent: its PONG confirms the server's app holds the connection)")
     g.add_argument("--close-mode", choices=("rst", "fin"), default="rst",
                    help="rst: close with SO_LINGER 0, leaving no TIME_WAIT behind (default); "
                    "fin: orderly shutdown")
@@ -315,6 +327,11 @@ class Client:
     final: dict[str, Any] | None = None
     fatal: str | None = None
     reader: asyncio.Task[None] | None = None
+    window_rtt_max_us: int = 0  # the largest RTT reported since the runner last took it
+
+    def take_rtt_max(self) -> int:
+        value, self.window_rtt_max_us = self.window_rtt_max_us, 0
+        return value
 
     def send(self, command: str) -> None:
         stdin = self.proc.stdin
@@ -343,6 +360,9 @@ class Client:
                 self.ready.set()
             elif kind == "progress":
                 self.latest = msg
+                rtt_max = int(msg.get("rtt_max_us", 0))
+                if rtt_max > self.window_rtt_max_us:
+                    self.window_rtt_max_us = rtt_max
             elif kind == "connected":
                 self.latest = msg
                 self.connected_msg = msg
@@ -388,7 +408,8 @@ class Progress:
         if self.bar is not None:
             self.bar.n = n
             if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
+                # Strings: tqdm would print large numbers as 2e+04.
+                self.bar.set_postfix({k: str(v) for k, v in postfix.items()}, refresh=False)
             self.bar.refresh()
 
     def close(self) -> None:
@@ -413,6 +434,7 @@ class Bench:
         self.t_start = time.monotonic()
         self.phases: dict[str, float] = {}
         self.before: dict[str, Any] = {}
+        self.go_ns = 0
 
     # ---------------------------------------------------------------- setup
 
@@ -444,6 +466,11 @@ class Bench:
             "ping_interval_s": a.ping_interval,
             "pong_timeout_s": a.pong_timeout,
             "close_mode": a.close_mode,
+            "established_when": {
+                "pong": "the server answered the hello (a first ping sent at connect)",
+                "tcp": "the TCP handshake completed",
+            }[a.established_on],
+            "hello": a.hello,
         })
 
     async def start_server(self) -> Server:
@@ -506,7 +533,8 @@ class Bench:
                 connections=plan.connections, parent_pid=os.getpid(), protocol=a.protocol,
                 max_inflight=a.max_inflight, ping_interval_s=a.ping_interval,
                 pong_timeout_s=a.pong_timeout, connect_timeout_s=a.connect_timeout,
-                close_mode=a.close_mode, lifetime_s=lifetime_s, loop=a.client_loop)
+                close_mode=a.close_mode, hello=a.hello, established_on=a.established_on,
+                lifetime_s=lifetime_s, loop=a.client_loop)
             log_path = os.path.join(self.workdir, f"client-{plan.index}.log")
             with open(log_path, "wb") as log:
                 proc = await asyncio.create_subprocess_exec(
@@ -590,8 +618,14 @@ class Bench:
 
         # 3. connect
         cpu_go = self.measure_server(detailed=False).get("cpu_ticks")
+        tcp_go = procstat.tcp_ext()
         await self.connect_phase(connect_phase_timeout)
         cpu_connected = self.measure_server(detailed=False).get("cpu_ticks")
+        # Machine-wide kernel counters: ListenOverflows/ListenDrops grow when a listener's
+        # accept queue is full (the server accepts slower than the clients connect); each such
+        # connect then waits for a SYN retransmission (1 s, then 3 s...).
+        self.report["kernel_tcp_counters_connect_phase"] = procstat.tcp_ext_delta(
+            tcp_go, procstat.tcp_ext())
 
         # 4. hold
         held_figures = await self.hold_phase()
@@ -602,8 +636,13 @@ class Bench:
 
         # 6. server: wait until it is quiet, measure, stop
         cpu_end = await self.settle_server()
+        self.report["kernel_tcp_counters_whole_run"] = procstat.tcp_ext_delta(
+            tcp_go, procstat.tcp_ext())
         ticks = [before.get("cpu_ticks"), cpu_go, cpu_connected, cpu_held, cpu_end]
         self.report["server_cpu_seconds"] = _ticks_delta(ticks[0], ticks[4])
+        self.report["server_cpu_scope"] = (
+            "supervisor + workers (+ reaped children), from ready before any connection until "
+            "quiet after the close")
         self.report["server_cpu_seconds_by_phase"] = {
             "idle_before_connect": _ticks_delta(ticks[0], ticks[1]),
             "connect": _ticks_delta(ticks[1], ticks[2]),
@@ -621,7 +660,7 @@ class Bench:
     async def connect_phase(self, timeout: float) -> None:
         a = self.args
         bar = Progress(not a.no_progress, total=a.connections, desc="connecting", unit="conn")
-        go_ns = time.monotonic_ns()
+        go_ns = self.go_ns = time.monotonic_ns()
         t0 = time.monotonic()
         for c in self.clients:
             c.send("go")
@@ -652,7 +691,8 @@ class Bench:
                             asyncio.gather(*(c.connected.wait() for c in self.clients)),
                             a.connect_timeout + 10)
                     break
-                if self.server is not None and not self.server.alive():
+                if (self.server is not None and not self.server.alive()
+                        and "the server exited during the connect phase" not in self.failures):
                     self.failures.append("the server exited during the connect phase")
                 await asyncio.sleep(0.1)
         finally:
@@ -677,11 +717,16 @@ class Bench:
     async def hold_phase(self) -> dict[str, Any]:
         a = self.args
         bar = Progress(not a.no_progress, total=a.hold, desc="holding", unit="s",
-                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s "
-                       "[{elapsed}<{remaining}{postfix}]")
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s{postfix}")
+        for c in self.clients:
+            c.send("hold")
         t0 = time.monotonic()
         measure_at = t0 + max(0.0, a.hold - min(1.0, a.hold / 10))
         peak_rss: int | None = None
+        rtt_max_timeline: list[float] = []
+        rss_timeline: list[int | None] = []
+        for c in self.clients:
+            c.take_rtt_max()
         next_sample = t0
         held: dict[str, Any] | None = None
         server_died = False
@@ -689,14 +734,22 @@ class Bench:
             while True:
                 now = time.monotonic()
                 if now >= next_sample:
-                    next_sample = now + 1.0
+                    if next_sample > t0:
+                        rtt_max_timeline.append(
+                            round(max(c.take_rtt_max() for c in self.clients) / 1000, 1))
+                    next_sample += 1.0
                     if self.server is not None and self.server.measurable:
                         self.server.refresh()
                         rss = self.server.rss()
+                        rss_timeline.append(rss)
                         if rss is not None and (peak_rss is None or rss > peak_rss):
                             peak_rss = rss
                 if held is None and now >= measure_at:
+                    t_measure = time.monotonic()
                     held = await asyncio.to_thread(self.measure_server, detailed=True)
+                    self.report["held_measurement_seconds"] = round(
+                        time.monotonic() - t_measure, 3)
+                    self.report["held_measured_at_hold_second"] = round(t_measure - t0, 3)
                     held["client_rss"] = procstat.sum_known(
                         procstat.rss_bytes(c.proc.pid) for c in self.clients)
                     held["open"] = _sum(self.clients, "open")
@@ -723,6 +776,10 @@ class Bench:
         r["server_rss_bytes_held"] = held.get("rss")
         r["server_pss_bytes_held"] = held.get("pss")
         r["server_rss_bytes_peak"] = peak_rss
+        # One figure a second of the hold: the largest heartbeat RTT (ms) any client saw, and
+        # the workers' summed RSS.
+        r["heartbeat_rtt_ms_max_timeline_hold"] = rtt_max_timeline
+        r["server_rss_bytes_timeline_hold"] = rss_timeline or None
         r["server_supervisor_rss_bytes_held"] = held.get("supervisor_rss")
         r["server_worker_rss_bytes_held"] = held.get("rss_each")
         r["server_worker_pss_bytes_held"] = held.get("pss_each")
@@ -785,15 +842,17 @@ class Bench:
         missing = [c.plan.index for c in self.clients if c.final is None]
         if missing:
             self.failures.append(f"no final report from client processes {missing}")
-        rtt_connecting = Histogram()
-        rtt_held = Histogram()
+        rtt_connect_phase = Histogram()
+        rtt_hold = Histogram()
         connect = Histogram()
+        hello = Histogram()
         errors: dict[str, int] = {}
         reasons: dict[str, int] = {}
         for f in finals:
-            rtt_connecting.merge(Histogram.from_dict(f["rtt_connecting_us"]))
-            rtt_held.merge(Histogram.from_dict(f["rtt_held_us"]))
+            rtt_connect_phase.merge(Histogram.from_dict(f["rtt_connect_phase_us"]))
+            rtt_hold.merge(Histogram.from_dict(f["rtt_hold_us"]))
             connect.merge(Histogram.from_dict(f["connect_us"]))
+            hello.merge(Histogram.from_dict(f["hello_rtt_us"]))
             for k, v in f.get("errors", {}).items():
                 errors[k] = errors.get(k, 0) + int(v)
             for k, v in f.get("unexpected_close_reasons", {}).items():
@@ -814,16 +873,19 @@ class Bench:
         r["connect_failures"] = total("failed")
         r["errors_total"] = sum(errors.values())
         r["errors"] = errors
-        rtt = Histogram()
-        rtt.merge(rtt_connecting)
-        rtt.merge(rtt_held)
-        r["heartbeat_rtt_ms_p50"] = _ms(rtt.percentile(50))
-        r["heartbeat_rtt_ms_p99"] = _ms(rtt.percentile(99))
-        r["heartbeat_rtt_ms"] = rtt.summary(scale=1000.0)
-        # The same samples split by when they were taken: while the client process was still
-        # connecting (its loop busy with connects) or after its connects were done.
-        r["heartbeat_rtt_ms_while_connecting"] = rtt_connecting.summary(scale=1000.0)
-        r["heartbeat_rtt_ms_after_connect"] = rtt_held.summary(scale=1000.0)
+        # heartbeat_rtt_ms_p50/p99 are the hold phase's: every connection up, the steady state
+        # a gateway lives in. Pings also run while connecting (a connection is held from the
+        # moment it is up); those samples, taken with every loop busy with connects, are
+        # reported apart, and so are all samples together.
+        whole = Histogram()
+        whole.merge(rtt_connect_phase)
+        whole.merge(rtt_hold)
+        r["heartbeat_rtt_scope"] = "hold phase (all connections up)"
+        r["heartbeat_rtt_ms_p50"] = _ms(rtt_hold.percentile(50))
+        r["heartbeat_rtt_ms_p99"] = _ms(rtt_hold.percentile(99))
+        r["heartbeat_rtt_ms"] = rtt_hold.summary(scale=1000.0)
+        r["heartbeat_rtt_ms_connect_phase"] = rtt_connect_phase.summary(scale=1000.0)
+        r["heartbeat_rtt_ms_all_phases"] = whole.summary(scale=1000.0)
         r["heartbeat_missed"] = total("missed")
         r["heartbeat_pings_sent"] = total("pings_sent")
         r["heartbeat_pongs_received"] = total("pongs")
@@ -832,6 +894,18 @@ class Bench:
         r["server_pings_answered"] = total("server_pings")
         r["protocol_errors"] = total("protocol_errors")
         r["connect_ms"] = connect.summary(scale=1000.0)
+        # The hello: a ping sent as each connect completes; its PONG confirms the server's app
+        # holds the connection (with --established-on tcp it may come well after the connect).
+        r["hello_sent"] = total("hello_sent")
+        r["connections_confirmed"] = total("confirmed")
+        r["hellos_unanswered"] = r["hello_sent"] - r["connections_confirmed"]
+        r["hello_rtt_ms"] = hello.summary(scale=1000.0)
+        last_confirmed = max((int(f.get("last_confirmed_ns") or 0) for f in finals), default=0)
+        confirm_seconds = (last_confirmed - self.go_ns) / 1e9 if last_confirmed > self.go_ns \
+            else None
+        r["confirm_seconds"] = _round(confirm_seconds, 3)
+        r["confirm_rate_per_s"] = (round(r["connections_confirmed"] / confirm_seconds, 1)
+                                   if confirm_seconds else None)
         r["connections_still_open_after_close"] = total("still_open_after_close")
         r["close_seconds"] = _round(max((float(f.get("close_seconds", 0)) for f in finals),
                                         default=None), 3)
@@ -841,7 +915,7 @@ class Bench:
             sum(float(m.get("cpu_seconds", 0)) for m in connected), 2)
         r["client_max_rss_bytes_per_process"] = max(
             (int(f.get("max_rss_bytes", 0)) for f in finals), default=None)
-        r["rtt_histogram_us"] = rtt.to_dict()
+        r["heartbeat_rtt_histogram_us_hold"] = rtt_hold.to_dict()
 
     async def settle_server(self) -> int | None:
         """Wait (at most 15 s) until the server's CPU stops moving; return its CPU ticks then."""
@@ -922,7 +996,7 @@ class Bench:
                 f"established {r.get('connections_established')} of {target} connections")
         if n_held != target:
             self.failures.append(f"held {n_held} of {target} connections")
-        for key in ("unexpected_closes", "errors_total", "heartbeat_missed"):
+        for key in ("unexpected_closes", "errors_total", "heartbeat_missed", "hellos_unanswered"):
             if r.get(key):
                 self.failures.append(f"{key} = {r[key]}")
         return EXIT_SHORTFALL if self.failures else EXIT_OK
@@ -968,6 +1042,9 @@ class Bench:
              f"{r.get('connections_held')}")
         line("connect seconds / rate per s",
              f"{r.get('connect_seconds')} / {r.get('connect_rate_per_s')}")
+        if r.get("hello"):
+            line("confirmed (hello answered) / seconds", f"{r.get('connections_confirmed')} / "
+                 f"{r.get('confirm_seconds')}")
         line("hold seconds", r.get("hold_seconds"))
         line("unexpected closes / errors", f"{r.get('unexpected_closes')} / "
              f"{r.get('errors_total')} {r.get('errors') or ''}")
@@ -1098,6 +1175,10 @@ async def _main(args: argparse.Namespace, out: TextIO) -> int:
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Run ``tidegate bench`` with parsed ``args``; return the exit status."""
+    if args.established_on == "pong" and not args.hello:
+        print("tidegate bench: --established-on pong needs the hello (drop --no-hello)",
+              file=sys.stderr)
+        return EXIT_SETUP
     if args.server_status_file and not args.target:
         print("tidegate bench: --server-status-file goes with --target", file=sys.stderr)
         return EXIT_SETUP

@@ -59,7 +59,7 @@ class IpcBroker(Broker):
         self._worker: Worker | None = None
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
-        self.latency = Histogram()  # calls to another worker (an owner): IPC round trips
+        self.publish_latency = Histogram()  # publish() until the owner has stored it
         self.errors = 0
         # Callables other workers may run here by name: the owned stores' methods, plus what
         # the node registers (API actions on local sessions, per-worker counts).
@@ -79,7 +79,10 @@ class IpcBroker(Broker):
         self._handler = handler
 
     def stats(self) -> dict[str, Any]:
-        return {"broker_call_seconds": self.latency.snapshot(), "broker_errors_total": self.errors}
+        return {
+            "broker_publish_seconds": self.publish_latency.snapshot(),
+            "broker_errors_total": self.errors,
+        }
 
     # ---- sending ----------------------------------------------------------------------
     def _relay(self, msg: tuple[Any, ...]) -> None:
@@ -120,14 +123,11 @@ class IpcBroker(Broker):
         """Run service ``name`` on worker ``target`` and return its result (or raise its error)."""
         if target == self.index or self._worker is None:
             return await _result(self._services[name](*args, **kw))
-        t0 = time.perf_counter()
         try:
             return await self._remote(target, name, args, kw)
         except Exception:
             self.errors += 1
             raise
-        finally:
-            self.latency.observe(time.perf_counter() - t0)
 
     async def _remote(self, target: int, name: str, args: Any, kw: Any) -> Any:
         assert self._worker is not None
@@ -192,11 +192,15 @@ class IpcBroker(Broker):
         history_ttl_s: float = 0.0,
     ) -> Publication:
         kw = dict(info=info, tags=tags, history_size=history_size, history_ttl_s=history_ttl_s)
-        if history_size > 0 and history_ttl_s > 0:
-            pub: Publication = await self._call(channel, "publish", data, json_data, **kw)
-            return pub
-        # No stream: no owner needed, deliver from here.
-        return await self.local.publish(channel, data, json_data, **kw)  # type: ignore[arg-type]
+        t0 = time.perf_counter()
+        try:
+            if history_size > 0 and history_ttl_s > 0:
+                pub: Publication = await self._call(channel, "publish", data, json_data, **kw)
+                return pub
+            # No stream: no owner needed, deliver from here.
+            return await self.local.publish(channel, data, json_data, **kw)  # type: ignore[arg-type]
+        finally:
+            self.publish_latency.observe(time.perf_counter() - t0)
 
     async def publish_join(self, channel: str, info: ClientInfo) -> None:
         self._deliver_everywhere("join", channel, info)

@@ -156,7 +156,9 @@ class Conn(asyncio.BufferedProtocol):
             if t.get_write_buffer_size() + len(data) > self._w.max_write_buffer_bytes:
                 self.abort("slow_consumer")
                 return
-        self._w.bytes_out += len(data)
+        w = self._w
+        w.bytes_out += len(data)
+        w.writes += 1
         t.write(data)
 
     def writev(self, chunks: list[bytes]) -> None:

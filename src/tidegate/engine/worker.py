@@ -101,6 +101,7 @@ class Worker:
         self.pings_sent = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.writes = 0
         self.heartbeat_rtt = Histogram()
         self.closes: collections.Counter[str] = collections.Counter()
         self.close_reasons: dict[Conn, str] = {}
@@ -279,6 +280,7 @@ class Worker:
             "capacity": self.capacity,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "writes": self.writes,
             "write_buffer_bytes": self._write_buffer_bytes(),
             "heartbeat_rtt": self.heartbeat_rtt.snapshot(),
             "apps": [h.stats() for h in self.handlers],

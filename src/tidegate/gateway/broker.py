@@ -155,7 +155,7 @@ class MemoryBroker(Broker):
                 tags=tags,
             )
         else:
-            pub = Publication(data, json_data, 0, info, tags)
+            pub = Publication(data, json_data, 0, info, tags, int(time.time() * 1000))
         if self._handler is not None:
             self._handler.handle_publication(channel, pub)
         return pub

@@ -13,7 +13,10 @@ byte concatenation once per publication (the hub shares the result between subsc
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
+from json.encoder import c_encode_basestring, c_make_encoder  # type: ignore[attr-defined]
+from json.scanner import c_make_scanner  # type: ignore[attr-defined]
 from typing import Any
 
 from tidegate.gateway.codes import ProtocolError
@@ -39,7 +42,7 @@ from tidegate.gateway.messages import (
     SubscribeResult,
 )
 
-__all__ = ["JSON_CODEC", "JsonCodec", "NotJSON", "json_value"]
+__all__ = ["JSON_CODEC", "JsonCodec", "NotJSON", "json_value", "match_rpc"]
 
 _MAX_UINT32 = (1 << 32) - 1
 _MAX_UINT64 = (1 << 64) - 1
@@ -60,7 +63,16 @@ def _reject_constant(name: str) -> Any:
 
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
 _decode = _decoder.decode
-_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+# The C scanner behind ``_decode`` without its Python wrapper (two regex calls for the
+# surrounding whitespace): ``_scan(text, 0) -> (value, end)`` for a value starting at 0.
+_scan = c_make_scanner(_decoder)
+_compact_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_compact = _compact_encoder.encode
+# The C encoder behind ``_compact`` for values parsed from JSON (they cannot be cyclic, so no
+# marker dict): JSONEncoder.encode builds a new one on every call.
+_compact_chunks = c_make_encoder(
+    None, _compact_encoder.default, c_encode_basestring, None, ":", ",", False, False, False
+)
 _quote = json.JSONEncoder(ensure_ascii=True).encode  # str -> JSON string literal (ASCII)
 
 
@@ -124,7 +136,7 @@ def _data(d: dict[str, Any], key: str) -> bytes:
     if v is None:
         return b""
     try:
-        return _compact(v).encode("utf-8")
+        return "".join(_compact_chunks(v, 0)).encode("utf-8")
     except (ValueError, UnicodeEncodeError):
         raise _bad(f"{key} is not valid JSON text") from None
 
@@ -221,6 +233,68 @@ def _command(obj: Any) -> Command:
         return PONG_COMMAND if cmd_id == 0 else Command(cmd_id, None, None)
     method, parse = found
     return Command(cmd_id, method, parse(_obj(params, "request")))
+
+
+# ---- the RPC fast path ---------------------------------------------------------------------
+# A single compact RPC command - ``{"id":N,"rpc":{"method":"m","data":D}}`` (Go SDK, protobuf
+# JSON field order) or ``{"rpc":{"method":"m","data":D},"id":N}`` (centrifuge-js) - is
+# recognised by one regular expression instead of json.loads + Command/RPCRequest objects +
+# re-encoding ``data``. Only inputs whose ``data`` bytes are already exactly what the generic
+# path would produce (the compact re-encoding of the parsed value) match, so both paths hand the
+# handler the same bytes: ASCII, no whitespace, strings without escapes, integers only (no
+# "-0", at most 18 digits), objects/arrays at most two levels deep, no duplicate keys (checked
+# below). Anything else - floats, escapes, other commands, batches - takes the generic path.
+_F_STR = rb'"[^"\\\x00-\x1f]*+"'
+_F_SCALAR = _F_STR + rb"|0|-?[1-9][0-9]{0,17}|true|false|null"
+
+
+def _f_container(item: bytes) -> bytes:
+    member = _F_STR + rb":(?:" + item + rb")"
+    obj = rb"\{(?:" + member + rb"(?:," + member + rb")*)?\}"
+    arr = rb"\[(?:(?:" + item + rb")(?:,(?:" + item + rb"))*)?\]"
+    return obj + rb"|" + arr
+
+
+_F_INNER = _F_SCALAR + rb"|" + _f_container(_F_SCALAR)
+_F_DATA = rb"(" + _F_SCALAR + rb"|" + _f_container(_F_INNER) + rb")"
+_F_METHOD = rb'(?:"method":"([^"\\\x00-\x1f]*+)",)?'
+_F_ID = rb"([1-9][0-9]{0,9})"
+_RPC_ID_FIRST = re.compile(
+    rb'\{"id":' + _F_ID + rb',"rpc":\{' + _F_METHOD + rb'"data":' + _F_DATA + rb"\}\}"
+).fullmatch
+_RPC_ID_LAST = re.compile(
+    rb'\{"rpc":\{' + _F_METHOD + rb'"data":' + _F_DATA + rb'\},"id":' + _F_ID + rb"\}"
+).fullmatch
+_KEYS = re.compile(rb'"([^"]*)"(:?)').findall
+
+
+def match_rpc(payload: bytes) -> tuple[bytes, str, bytes] | None:
+    """``(id digits, method, data)`` of a frame holding exactly one compact ``rpc`` command
+    whose ``data`` needs no re-encoding; None when the generic path must decode the frame.
+
+    Equivalent to ``decode_commands`` for what it accepts: a ``data`` of ``null`` is ``b""``.
+    """
+    if not payload.isascii():
+        return None
+    m = _RPC_ID_FIRST(payload)
+    if m is not None:
+        cmd_id, method, data = m.groups()
+    else:
+        m = _RPC_ID_LAST(payload)
+        if m is None:
+            return None
+        method, data, cmd_id = m.groups()
+    if len(cmd_id) == 10 and int(cmd_id) > _MAX_UINT32:
+        return None
+    if data.count(b'":') > 1:
+        # Strings hold no quote, so each match is one whole string; a colon after it makes it
+        # a key. Equal keys anywhere (even in different objects) -> the generic path.
+        keys = [k for k, colon in _KEYS(data) if colon]
+        if len(set(keys)) != len(keys):
+            return None
+    if data == b"null":
+        data = b""
+    return cmd_id, (method.decode("ascii") if method else ""), data
 
 
 # ---- encoding helpers --------------------------------------------------------------------

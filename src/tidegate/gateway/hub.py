@@ -22,6 +22,7 @@ pays one truth test of it per publication.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from tidegate.gateway.broker import Broker
@@ -34,6 +35,7 @@ from tidegate.gateway.codes import (
 )
 from tidegate.gateway.config import GatewayConfig
 from tidegate.gateway.messages import ClientInfo, Publication
+from tidegate.observe.histogram import Histogram
 
 if TYPE_CHECKING:
     from tidegate.gateway.session import ClientSession
@@ -44,7 +46,10 @@ _UNSET: bytes = b"\x00unset"
 
 
 class Hub:
-    __slots__ = ("config", "broker", "_subs", "_jl", "_users", "_pending", "fanout_writes")
+    __slots__ = (
+        "config", "broker", "_subs", "_jl", "_users", "_pending", "fanout_writes",
+        "delivery_latency",
+    )
 
     def __init__(self, config: GatewayConfig, broker: Broker) -> None:
         self.config = config
@@ -58,6 +63,7 @@ class Hub:
         # A buffer grows to client_queue_max_messages + 1 at most (the +1 says "overflowed").
         self._pending: dict[str, dict[ClientSession, list[Publication]]] = {}
         self.fanout_writes = 0
+        self.delivery_latency = Histogram()
         broker.register(self)
 
     # ---- registry ---------------------------------------------------------------------
@@ -245,6 +251,8 @@ class Hub:
                     pbytes = PROTOBUF_CODEC.encode_publication(channel, pub)
                 s.transport.write(pbytes)
         self.fanout_writes += len(subs)
+        if pub.time_ms:  # publish accepted -> written to every local subscriber's socket
+            self.delivery_latency.observe_n(time.time() - pub.time_ms / 1000, len(subs))
 
     def _buffer_pending(
         self, channel: str, pub: Publication, subs: set[ClientSession]

@@ -28,6 +28,12 @@ class Histogram:
         self.sum += value
         self.count += 1
 
+    def observe_n(self, value: float, n: int) -> None:
+        """``n`` observations of the same value (a fan-out: every subscriber of one loop)."""
+        self.counts[bisect_left(self.bounds, value)] += n
+        self.sum += value * n
+        self.count += n
+
     def snapshot(self) -> dict[str, Any]:
         return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum}
 

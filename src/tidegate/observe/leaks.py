@@ -3,8 +3,9 @@
 :class:`TaskTracker` installs a task factory that notes, for each task, when it was created
 (``time.monotonic()``) and where: the first frame outside asyncio and this package, found by
 walking ``sys._getframe`` a few frames up (no ``traceback.extract_stack``, no source lookup;
-the site is kept as a code object and a line number and formatted only in a report). The notes
-live in a ``WeakKeyDictionary``, so they go when their task goes. :meth:`TaskTracker.leak_report`
+the site is kept as a code object and an instruction offset, and turned into ``file:line`` only
+in a report). The notes live in a dict keyed by weak references that remove their own entry,
+so they go when their task goes. :meth:`TaskTracker.leak_report`
 lists the tasks still alive past an age: name, age, creation site, the coroutine, and where it
 is suspended now. :func:`stale_items` lists connections silent past a deadline, and
 :func:`install_sigusr1` logs a report on SIGUSR1.
@@ -35,8 +36,9 @@ Wiring:
                 "tasks": self.tasks.leak_report(min_age_s=60.0),
                 "stale_connections": leaks.stale_items(
                     self.connections(), self.wheel.now,
-                    lambda c, now: ((now - c._last_rx) * o.tick_s, c.remote_addr),
+                    lambda c, now: ((now - c._last_rx) * o.tick_s, c),
                     max_age_s=o.ping_interval_s + o.pong_timeout_s + 2 * o.tick_s,
+                    describe=lambda c: str(c.remote_addr),   # only for the rows kept
                 ),
             }
 
@@ -82,10 +84,10 @@ class TaskTracker:
     """Notes each task's creation time and site through the loop's task factory."""
 
     def __init__(self) -> None:
-        # task -> (created, creation code object or None, line)
-        self._born: weakref.WeakKeyDictionary[asyncio.Future[Any], _Born] = (
-            weakref.WeakKeyDictionary()
-        )
+        # weakref(task) -> (created, code object creating it or None, its f_lasti). A plain
+        # dict whose weakrefs remove their own entry: half the cost of a WeakKeyDictionary.
+        self._born: dict[weakref.ref[asyncio.Future[Any]], _Born] = {}
+        self._drop = self._born.pop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._prev: TaskFactory | None = None
         self.created_total = 0
@@ -98,7 +100,7 @@ class TaskTracker:
         self._prev = loop.get_task_factory()
         now = time.monotonic()
         for task in asyncio.all_tasks(loop):
-            self._born.setdefault(task, (now, None, 0))
+            self._born.setdefault(weakref.ref(task, self._drop), (now, None, 0))
         loop.set_task_factory(self._factory)
 
     def uninstall(self) -> None:
@@ -114,16 +116,15 @@ class TaskTracker:
         f: FrameType | None = sys._getframe(1)
         while f is not None and f.f_code.co_filename.startswith(_SKIP_DIRS):
             f = f.f_back
-        if f is None:
-            self._born[task] = (time.monotonic(), None, 0)
-        else:
-            self._born[task] = (time.monotonic(), f.f_code, f.f_lineno)
+        # f_lasti, not f_lineno: O(1); the line is looked up from it in a report.
+        born = (time.monotonic(), None, 0) if f is None else (time.monotonic(), f.f_code, f.f_lasti)
+        self._born[weakref.ref(task, self._drop)] = born
         self.created_total += 1
         return task
 
     def site(self, task: asyncio.Future[Any]) -> str | None:
         """``file:line in function`` where ``task`` was created (None if not tracked)."""
-        born = self._born.get(task)
+        born = self._born.get(weakref.ref(task))
         return None if born is None else _site(born[1], born[2])
 
     def leak_report(
@@ -146,7 +147,7 @@ class TaskTracker:
         for task in asyncio.all_tasks(loop):
             if task is current:
                 continue
-            born = self._born.get(task)
+            born = self._born.get(weakref.ref(task))
             if born is None:
                 if not include_untracked:
                     continue
@@ -180,20 +181,29 @@ def stale_items(
     deadline_fn: Callable[[T, float], tuple[float, Any] | None],
     max_age_s: float,
     limit: int | None = 100,
+    describe: Callable[[Any], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Items (connections) with no traffic for longer than ``max_age_s``, most silent first.
 
     ``deadline_fn(item, now)`` returns ``(last_rx_age_s, where)`` (``where``: the remote
     address, a creation site, anything JSON-safe) or None to skip the item. Each row:
     ``{"silent_s": ..., "where": ...}``. ``now`` is only passed through, in the caller's units.
+    With ``describe``, ``where`` becomes ``describe(where)``, called only for the rows returned:
+    let ``deadline_fn`` return the item itself and ``describe`` look up its address, so the
+    scan over every connection stays one call and one tuple per item.
     """
-    rows: list[dict[str, Any]] = []
+    found: list[tuple[float, Any]] = []
     for item in items:
         got = deadline_fn(item, now)
         if got is not None and got[0] > max_age_s:
-            rows.append({"silent_s": round(got[0], 3), "where": got[1]})
-    rows.sort(key=lambda r: r["silent_s"], reverse=True)
-    return rows if limit is None else rows[:limit]
+            found.append(got)
+    found.sort(key=lambda r: r[0], reverse=True)
+    if limit is not None:
+        del found[limit:]
+    return [
+        {"silent_s": round(age, 3), "where": where if describe is None else describe(where)}
+        for age, where in found
+    ]
 
 
 def install_sigusr1(
@@ -202,12 +212,14 @@ def install_sigusr1(
     logger: logging.Logger | None = None,
     signum: int = signal.SIGUSR1,
 ) -> Callable[[], None]:
-    """On ``signum``, log ``report_fn()`` as one warning; returns the function that uninstalls.
+    """On ``signum``, log ``report_fn()`` as one warning; returns the function that uninstalls
+    (and puts back the signal's previous disposition).
 
     The log line: ``tidegate.leaks`` warning "leak report", ``extra={"report": report}``.
     ``loop.add_signal_handler`` needs the main thread (a worker's loop runs there).
     """
     log = logger or logging.getLogger("tidegate.leaks")
+    prev = signal.getsignal(signum)
 
     def dump() -> None:
         try:
@@ -221,14 +233,18 @@ def install_sigusr1(
 
     def uninstall() -> None:
         loop.remove_signal_handler(signum)
+        # uvloop keeps its own handler when the loop is not running, and either loop resets
+        # to SIG_DFL: put back what was there (SIG_IGN in a freshly forked worker).
+        signal.signal(signum, signal.SIG_DFL if prev is None else prev)
 
     return uninstall
 
 
-def _site(code: CodeType | None, lineno: int) -> str:
+def _site(code: CodeType | None, lasti: int) -> str:
     if code is None:
         return _BEFORE
-    return f"{code.co_filename}:{lineno} in {code.co_name}"
+    line = next((ln for start, end, ln in code.co_lines() if start <= lasti < end), None)
+    return f"{code.co_filename}:{line or code.co_firstlineno} in {code.co_name}"
 
 
 def _frame_site(f: FrameType) -> str:

@@ -69,6 +69,7 @@ class TidegateCollector:
             ("tidegate_heartbeat_pings", "pings_sent", "Server heartbeat pings sent."),
             ("tidegate_bytes_in", "bytes_in", "Bytes read from clients."),
             ("tidegate_bytes_out", "bytes_out", "Bytes written to clients."),
+            ("tidegate_messages_out", "writes", "Messages (writes) sent to clients."),
         ):
             fam = CounterMetricFamily(name, doc, labels=["worker"])
             for idx, s in w:
@@ -148,6 +149,7 @@ def _app_metrics(w: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
                     counters.setdefault(key, {})
                     counters[key][""] = counters[key].get("", 0) + value
     for key, values in sorted(counters.items()):
+        key, _, label_name = key.partition(":")  # "closes_total:reason" labels by reason
         name = f"tidegate_{key}"
         if name.endswith("_total"):
             name = name[: -len("_total")]
@@ -161,7 +163,7 @@ def _app_metrics(w: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
                 gauge.add_metric([], values[""])
                 yield gauge
             continue
-        by_kind = CounterMetricFamily(name, key, labels=["kind"])
+        by_kind = CounterMetricFamily(name, key, labels=[label_name or "kind"])
         for label, n in sorted(values.items()):
             by_kind.add_metric([label or "all"], n)
         yield by_kind

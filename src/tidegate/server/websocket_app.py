@@ -67,7 +67,8 @@ class WebSocketApp(EventHandler):
         return {
             "ws_sessions": self.live_sessions,
             "ws_upgrades_total": self.upgrades,
-            "ws_messages_in_total": self.messages_in,
+            "messages_in_total": self.messages_in,
+            "delivery_latency_seconds": hub.delivery_latency.snapshot(),
             "ws_rejected_total": dict(self.rejected),
             "api_requests_total": dict(self.api.requests),
             "fanout_writes_total": hub.fanout_writes,
