@@ -23,7 +23,7 @@ run: $(STAMP)
 	$(BIN)/python -m tidegate serve --config config/example.toml
 
 test: $(STAMP) system-deps
-	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff check src tests examples bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
