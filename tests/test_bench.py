@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tidegate.bench import procstat
-from tidegate.bench.client import CLOSED, OPEN, PingWheel, RawConnection, RawDriver, Stats
+from tidegate.bench.client import CLOSED, OPEN, PENDING, PingWheel, RawConnection, RawDriver, Stats
 from tidegate.bench.histogram import Histogram, bucket_bounds, bucket_index
 from tidegate.bench.runner import BenchError, parse_target, plan_clients
 from tidegate.protocol.heartbeat import DATA, PING, PONG, frame
@@ -129,8 +129,10 @@ def test_plan_500k_on_a_20000_fd_limit() -> None:
     assert len(plans) == 27  # 19,000 fds each at most, with a reserve
     assert max(p.connections for p in plans) <= 20_000 - 1000
     sources = [s for p in plans for s in p.sources]
-    assert len(sources) == len(set(sources)) == 27
-    assert sources[0] == "127.0.0.2" and sources[-1] == "127.0.0.28"
+    # At most a quarter of the 28,232 ephemeral ports per source address: 3 per process.
+    assert all(len(p.sources) == 3 for p in plans)
+    assert len(sources) == len(set(sources)) == 81
+    assert sources[0] == "127.0.0.2" and sources[-1] == "127.0.0.82"
 
 
 def test_plan_small_runs_use_the_cores() -> None:
@@ -147,7 +149,7 @@ def test_plan_refuses_too_few_clients() -> None:
 def test_plan_gives_more_sources_than_ports_allow() -> None:
     plans = plan_clients(100_000, 1_000_000, clients=1, port_range=(32768, 60999))
     assert len(plans) == 1
-    assert len(plans[0].sources) == 4  # 27,232 usable ports per source address
+    assert len(plans[0].sources) == 15  # 7,058 connections per source address at most
     plans = plan_clients(300_000, 1_000_000, clients=1, port_range=(1024, 65535))
     # .0 and .255 are skipped
     assert all(not s.endswith((".0", ".255")) for s in plans[0].sources)
@@ -181,6 +183,9 @@ def _raw_connection(stats: Stats) -> tuple[RawConnection, FakeTransport]:
     conn = RawConnection()
     transport = FakeTransport()
     conn.connection_made(transport)  # type: ignore[arg-type]
+    assert conn.state == PENDING
+    conn.state = OPEN  # what the client process does once the connect is done
+    stats.open += 1
     return conn, transport
 
 
@@ -192,7 +197,7 @@ def test_raw_connection_answers_server_pings_across_split_reads() -> None:
         conn.data_received(data[i : i + 1])
     assert transport.written == [frame(PONG, b"tok"), frame(PONG, b"2")]
     assert stats.server_pings == 2 and stats.data_frames == 1
-    assert stats.rtt_us.count == 0  # server pings are not RTT samples
+    assert stats.rtt_connect_phase_us.count == stats.rtt_hold_us.count == 0  # not RTT samples
 
 
 def test_raw_connection_measures_rtt_from_its_own_pong() -> None:
@@ -205,7 +210,13 @@ def test_raw_connection_measures_rtt_from_its_own_pong() -> None:
     conn.data_received(frame(PONG, (token - 1).to_bytes(8, "big")))  # not ours
     assert stats.late_pongs == 1 and conn.ping_sent == token
     conn.data_received(frame(PONG, token.to_bytes(8, "big")))
-    assert stats.pongs == 1 and stats.rtt_us.count == 1 and stats.outstanding == 0
+    assert stats.pongs == 1 and stats.rtt_connect_phase_us.count == 1 and stats.outstanding == 0
+    # Pings sent once the hold began are the hold phase's samples.
+    stats.hold_since_ns = time.monotonic_ns()
+    token = time.monotonic_ns()
+    assert conn.ping(token)
+    conn.data_received(frame(PONG, token.to_bytes(8, "big")))
+    assert stats.rtt_hold_us.count == 1 and stats.rtt_connect_phase_us.count == 1
     assert conn.ping_sent == 0
 
 
@@ -219,6 +230,39 @@ def test_raw_connection_close_kinds() -> None:
     assert transport2.closed
     conn2.connection_lost(ConnectionResetError())
     assert stats.unexpected_closes == 1 and stats.open == 0 and conn2.state == CLOSED
+    # Lost before the connect was done: the connect's failure, not a close.
+    RawConnection.stats = stats
+    conn3 = RawConnection()
+    conn3.connection_made(FakeTransport())  # type: ignore[arg-type]
+    conn3.connection_lost(ConnectionRefusedError())
+    assert stats.unexpected_closes == 1 and stats.open == 0 and conn3.state == CLOSED
+
+
+def test_raw_connection_first_pong_confirms_the_connect() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        stats = Stats()
+        RawConnection.stats = stats
+        conn = RawConnection()
+        conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+        conn.hello = 12345
+        conn.waiter = loop.create_future()
+        waiter = conn.waiter
+        conn.data_received(frame(PONG, (12345).to_bytes(8, "big")))
+        assert waiter.done() and waiter.result() is None and conn.waiter is None
+        assert stats.confirmed == 1 and conn.hello == 0 and stats.hello_rtt_us.count == 1
+        assert stats.pongs == 0 and stats.late_pongs == 0  # not a heartbeat sample
+        # Closed by the server before answering: the connect fails, nothing counted as a close.
+        conn2 = RawConnection()
+        conn2.connection_made(FakeTransport())  # type: ignore[arg-type]
+        conn2.hello = 777
+        conn2.waiter = loop.create_future()
+        waiter2 = conn2.waiter
+        conn2.connection_lost(None)
+        assert isinstance(waiter2.exception(), ConnectionResetError)
+        assert stats.unexpected_closes == 0 and stats.open == 0 and stats.confirmed == 1
+    finally:
+        loop.close()
 
 
 class WheelConn:
@@ -288,7 +332,8 @@ def test_raw_driver_is_registered() -> None:
 def _bench(tmp_path: Path, *args: str, timeout: float = 280) -> tuple[int, dict[str, Any], str]:
     report = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "tidegate", "bench", "--json", str(report), *args],
+        [sys.executable, "-m", "tidegate", "bench", "--json", str(report),
+         "--logs-dir", str(tmp_path / "logs"), *args],
         capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "TIDEGATE_LOG_FORMAT": "text"},
     )
@@ -307,12 +352,21 @@ def _assert_clean_counts(r: dict[str, Any], n: int) -> None:
     assert r["heartbeat_missed"] == 0
     assert r["heartbeat_rtt_ms_p50"] > 0
     assert r["heartbeat_rtt_ms_p99"] >= r["heartbeat_rtt_ms_p50"]
-    assert r["heartbeat_rtt_ms"]["count"] == r["heartbeat_pongs_received"] > 0
+    assert r["heartbeat_rtt_ms"]["count"] > 0  # the hold phase's samples
+    assert r["heartbeat_rtt_ms_all_phases"]["count"] == r["heartbeat_pongs_received"]
+    assert (r["heartbeat_rtt_ms"]["count"] + r["heartbeat_rtt_ms_connect_phase"]["count"]
+            == r["heartbeat_pongs_received"])
     assert r["connect_seconds"] > 0 and r["connect_rate_per_s"] > 0
     assert r["hold_seconds"] >= 0
     assert sum(r["connect_rate_timeline_per_s"]) == n
+    assert isinstance(r["heartbeat_rtt_ms_max_timeline_hold"], list)
     assert r["kernel_slab_bytes_delta"] is not None
     assert r["completed"] is True and r["ok"] is True and r["failures"] == []
+    assert r["kernel_tcp_counters_connect_phase"] is not None
+    if r["hello"]:
+        assert r["hello_sent"] == r["connections_confirmed"] == n and r["hellos_unanswered"] == 0
+    else:
+        assert r["hello_sent"] == r["connections_confirmed"] == 0
 
 
 def test_bench_run_against_its_own_server(tmp_path: Path) -> None:
@@ -343,7 +397,8 @@ def test_bench_run_with_target(tmp_path: Path, serve: Any) -> None:
     srv = serve("--connections", "1500", "--workers", "2")
     n = 1500
     code, r, output = _bench(tmp_path, "--target", f"127.0.0.1:{srv.port}", "--connections",
-                             str(n), "--clients", "2", "--hold", "2", "--ping-interval", "1")
+                             str(n), "--clients", "2", "--hold", "2", "--ping-interval", "1",
+                             "--no-hello", "--established-on", "tcp")
     assert code == 0, output
     _assert_clean_counts(r, n)
     assert r["server_started_by_bench"] is False
@@ -363,13 +418,15 @@ def test_bench_target_with_status_file_measures_the_server(tmp_path: Path, serve
     srv = serve("--connections", "1000", "--workers", "2")
     code, r, output = _bench(tmp_path, "--target", f"127.0.0.1:{srv.port}",
                              "--server-status-file", str(srv.status_path), "--connections", "1000",
-                             "--hold", "1", "--ping-interval", "1", "--no-progress")
+                             "--hold", "1", "--ping-interval", "1", "--no-progress",
+                             "--established-on", "tcp")
     assert code == 0, output
     _assert_clean_counts(r, 1000)
     assert r["server_workers"] == 2
     assert r["server_marginal_bytes_per_connection"] is not None
     assert r["server_cpu_seconds"] is not None
     assert srv.proc.poll() is None  # not ours to stop
+    assert r["established_when"] == "the TCP handshake completed"
 
 
 def test_bench_refuses_off_loopback_targets(tmp_path: Path) -> None:
@@ -394,7 +451,8 @@ def test_bench_interrupted_stops_everything(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tidegate", "bench", "--json", str(report), "--connections",
-         "1000", "--hold", "120", "--ping-interval", "1", "--clients", "2"],
+         "1000", "--hold", "120", "--ping-interval", "1", "--clients", "2",
+         "--logs-dir", str(tmp_path / "logs")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "TIDEGATE_LOG_FORMAT": "text"},
     )

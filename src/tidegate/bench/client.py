@@ -20,7 +20,9 @@ its connects are done, and ``final`` with its counters and histograms.
 Protocols plug in through :class:`ClientDriver` (``PROTOCOLS``): a driver turns a connected socket
 into a :class:`ClientConnection` (handshake included); the wheel and the runner only ever call
 ``ping``/``close`` and read the shared :class:`Stats`. ``raw`` speaks
-:mod:`tidegate.protocol.heartbeat` frames.
+:mod:`tidegate.protocol.heartbeat` frames; it sends a first ping (the "hello") as soon as the TCP
+connect completes, and with ``established_on="pong"`` (the default) the connect counts only once
+the server's app answered it.
 """
 
 from __future__ import annotations
@@ -93,9 +95,10 @@ class ClientConfig:
     # server's app holds the connection (counted as confirmed), and the server sees the client
     # speak at once rather than a full ping interval later.
     hello: bool = True
-    # When a connect counts as established: "tcp": the TCP handshake completed (the kernel may
-    # still hold the connection in the listener's accept queue); "pong": the hello was answered.
-    established_on: str = "tcp"
+    # When a connect counts as established: "pong": the hello was answered (the server's app
+    # has it); "tcp": the TCP handshake completed (the kernel may still hold the connection in
+    # the listener's accept queue).
+    established_on: str = "pong"
     close_timeout_s: float = 30.0
     progress_interval_s: float = 0.25
     lifetime_s: float = 3600.0

@@ -94,11 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "(default: 10)")
     g.add_argument("--protocol", choices=sorted(PROTOCOLS), default="raw",
                    help="wire protocol the clients speak (default: raw)")
-    g.add_argument("--established-on", choices=("tcp", "pong"), default="tcp",
-                   help="when a connect counts as established: tcp: the TCP handshake "
-                   "completed, though the connection may still wait in the server's accept "
-                   "queue (default); pong: the server answered the hello, which also bounds "
-                   "that queue by --max-inflight")
+    g.add_argument("--established-on", choices=("pong", "tcp"), default="pong",
+                   help="when a connect counts as established: pong: the server's app answered "
+                   "the hello, so at most --max-inflight connects per client process wait in "
+                   "the server's accept queues (default); tcp: the TCP handshake completed: "
+                   "clients may then outrun the server's accepts, overflow its accept queues "
+                   "and stall on SYN retransmissions")
     g.add_argument("--no-hello", dest="hello", action="store_false",
                    help="do not send a first ping as soon as a connect completes (by default "
                    "one is sent: its PONG confirms the server's app holds the connection)")
@@ -124,7 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="command that starts the server, before `--app ...` "
                    "(default: '<this python> -m tidegate serve')")
     g.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                   help="extra argument for the started server (repeatable)")
+                   help="extra argument for the started server (repeatable; write flags as "
+                   "--server-arg=--handshake-timeout-s --server-arg=30)")
     g.add_argument("--ready-timeout", type=_positive_float, default=120.0, metavar="SECONDS",
                    help="how long to wait for the server to be ready (default: 120)")
 
@@ -146,6 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--keep-logs", action="store_true",
                    help="keep the server's and clients' logs even after a clean run")
+    g.add_argument("--logs-dir", metavar="PATH",
+                   help="put the logs there (kept) instead of a temporary directory (removed "
+                   "after a clean run)")
 
 
 def _positive_int(text: str) -> int:
@@ -429,8 +434,12 @@ class Bench:
         self.failures: list[str] = []
         self.server: Server | None = None
         self.clients: list[Client] = []
-        self.workdir = tempfile.mkdtemp(prefix="tidegate-bench-")
-        self.keep_logs = bool(args.keep_logs)
+        if args.logs_dir:
+            os.makedirs(args.logs_dir, exist_ok=True)
+            self.workdir = args.logs_dir
+        else:
+            self.workdir = tempfile.mkdtemp(prefix="tidegate-bench-")
+        self.keep_logs = bool(args.keep_logs or args.logs_dir)
         self.t_start = time.monotonic()
         self.phases: dict[str, float] = {}
         self.before: dict[str, Any] = {}

@@ -230,7 +230,9 @@ class Worker:
         if flags & PING_OUT:  # nothing arrived since our ping (input clears the flag)
             c.abort("ping_timeout")
             return None
-        due = c._last_rx + self._ping_ticks
+        # Two ticks of slack: _last_rx is rounded down to a tick, and a client that pings every
+        # ping_interval_s on its own must not be pinged back.
+        due = c._last_rx + self._ping_ticks + 2
         if due > now:
             return due
         # Silent for a whole interval: ping it. Clients that ping us are never pinged back.
