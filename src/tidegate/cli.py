@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="load generator: open N connections, hold, report")
     bench.add_arguments(b)
     b.set_defaults(func=bench.run)
+    from tidegate import trace_cli
+
+    t = sub.add_parser("trace", help="record a running node's lifecycle events (Perfetto JSON)")
+    trace_cli.add_arguments(t)
+    t.set_defaults(func=trace_cli.run)
     return parser
 
 

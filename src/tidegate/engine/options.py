@@ -62,6 +62,12 @@ class EngineOptions:
     # OpenTelemetry traces: none | console | otlp (OTEL_EXPORTER_OTLP_ENDPOINT), sampled.
     tracing_exporter: str = "none"
     tracing_sample_ratio: float = 1.0
+    # Diagnostics: a loop that does not turn for this long is reported with its stack (0 = off);
+    # tasks older than leak_task_age_s are listed in leak reports (SIGUSR1, /api/debug_leaks);
+    # lifecycle events kept per worker for `tidegate trace`.
+    stall_threshold_ms: float = 200.0
+    leak_task_age_s: float = 60.0
+    trace_ring_events: int = 65536
     # /metrics (Prometheus) served by the supervisor on this port; 0 = off.
     metrics_port: int = 0
     # Where the supervisor writes its JSON status (pids, port, ready); "" = nowhere.

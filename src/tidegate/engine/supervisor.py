@@ -101,6 +101,7 @@ class Supervisor:
             signal.signal(sig, self._on_stop_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the selector
         signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         if handoff:
             for i, sock in enumerate(self._listens):
@@ -148,6 +149,12 @@ class Supervisor:
             if slot.pid:
                 _kill(slot.pid, signal.SIGHUP)
 
+    def _on_usr1(self, _signum: int, _frame: Any) -> None:
+        _log.info("SIGUSR1: workers log their leak reports")
+        for slot in self.slots:
+            if slot.pid:
+                _kill(slot.pid, signal.SIGUSR1)
+
     def _spawn(self, slot: WorkerSlot) -> None:
         parent_end, child_end = control.pair()
         pid = os.fork()
@@ -180,6 +187,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker's handler is in
         self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

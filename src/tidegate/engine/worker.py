@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import os
 import signal
 import socket
@@ -21,7 +22,9 @@ from tidegate.engine.loop import new_event_loop
 from tidegate.engine.netopt import listening_socket
 from tidegate.engine.options import EngineOptions
 from tidegate.engine.wheel import TimingWheel
+from tidegate.observe import leaks, trace
 from tidegate.observe.histogram import Histogram
+from tidegate.observe.stall import StallDetector
 from tidegate.protocol.codec import FrameError
 from tidegate.protocol.length_prefixed import LengthPrefixedCodec
 
@@ -109,6 +112,10 @@ class Worker:
         self._write_waiters: dict[Conn, asyncio.Future[None]] = {}
         self._refused: set[Conn] = set()
         self.gc_stats: gc_control.GcStats | None = None
+        self.trace = trace.TraceRing(max(1, opts.trace_ring_events))
+        self.tasks = leaks.TaskTracker()
+        self.stall: StallDetector | None = None
+        self._leak_dump_off: Callable[[], None] | None = None
         self.blocking = BlockingPool(opts.blocking_threads, opts.blocking_max_waiting)
         self.stopping = False
         self._stopped = asyncio.Event()
@@ -130,6 +137,7 @@ class Worker:
             return
         self.active += 1
         self.accepted_total += 1
+        self.trace.record_instant(trace.ACCEPT, id(c))
         c._last_rx = self.wheel.now
         self.wheel.schedule(c, self.wheel.now + self._handshake_ticks)
         first = c._h.on_open(c)
@@ -179,6 +187,7 @@ class Worker:
         if reason is None:
             reason = "client_closed" if exc is None else "client_error"
         self.closes[reason] += 1
+        self.trace.record_instant(trace.CLOSE, id(c), reason=reason)
         waiter = self._write_waiters.pop(c, None)
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError(reason))
@@ -288,6 +297,8 @@ class Worker:
             "apps": [h.stats() for h in self.handlers],
             "blocking": self.blocking.stats(),
         }
+        if self.stall is not None:
+            out["stall"] = self.stall.stats()
         if self.gc_stats is not None:
             out["gc_collections"] = self.gc_stats.collections
             out["gc_pause_s_max"] = round(self.gc_stats.pause_s_max, 6)
@@ -374,9 +385,16 @@ class Worker:
         if self.ctrl is not None:
             self.ctrl.setblocking(False)
             self.loop.add_reader(self.ctrl.fileno(), self._on_ctrl)
+        self.tasks.install(self.loop)
+        self._leak_dump_off = leaks.install_sigusr1(self.loop, self.leak_report)
+        if self.opts.stall_threshold_ms > 0:
+            self.stall = StallDetector(self.loop, threshold_ms=self.opts.stall_threshold_ms)
+            self.stall.start()
         for h in self.handlers:
             h.on_boot(self)
         self.gc_stats = gc_control.configure(self.opts.gc_gen0_threshold)
+        gc.callbacks.append(trace.gc_tracer(self.trace))
+        self.trace.record_instant(trace.RESTART, self.index, pid=os.getpid())
         if self.ctrl is not None:
             control.send_json(self.ctrl, control.READY, {"pid": os.getpid(), "index": self.index})
         self.loop.call_at(self._t0 + self.opts.tick_s, self._tick)
@@ -391,6 +409,22 @@ class Worker:
                 _log.info("tls certificate reloaded")
             except (OSError, ValueError) as exc:
                 _log.error("tls reload failed; keeping the old certificate", extra={"error": str(exc)})
+
+    def leak_report(self) -> dict[str, Any]:
+        """Tasks alive too long (with where they were created) and connections silent past
+        their heartbeat deadline. Walks every connection: on demand only."""
+        o = self.opts
+        return {
+            "worker": self.index,
+            "pid": os.getpid(),
+            "tasks": self.tasks.leak_report(min_age_s=o.leak_task_age_s),
+            "stale_connections": leaks.stale_items(
+                self.connections(), self.wheel.now,
+                lambda c, now: ((now - c._last_rx) * o.tick_s, c),
+                max_age_s=o.ping_interval_s + o.pong_timeout_s + 2 * o.tick_s + 2,
+                describe=lambda c: str(c.remote_addr),
+            ),
+        }
 
     def stop(self) -> None:
         if not self.stopping:
@@ -428,6 +462,11 @@ class Worker:
         for c in self.connections():
             c.abort("shutdown")
         await asyncio.sleep(0)
+        if self.stall is not None:
+            self.stall.stop()
+        if self._leak_dump_off is not None:
+            self._leak_dump_off()
+        self.tasks.uninstall()
 
 
 def run_worker(

@@ -106,6 +106,13 @@ class TidegateCollector:
                          [(i, s.get("heartbeat_rtt", {})) for i, s in w])
         yield _histogram("tidegate_gc_pause_seconds", "Cyclic GC pauses.",
                          [(i, s.get("gc_pause", {})) for i, s in w])
+        yield _histogram("tidegate_loop_lag_seconds", "How late the loop ran a due timer.",
+                         [(i, s.get("stall", {}).get("loop_lag", {})) for i, s in w])
+        stalls = CounterMetricFamily("tidegate_loop_stalls", "Loop stalls past the threshold.",
+                                     labels=["worker"])
+        for idx, s in w:
+            stalls.add_metric([idx], s.get("stall", {}).get("stalls_total", 0))
+        yield stalls
 
         busy = GaugeMetricFamily("tidegate_blocking_pool_busy", "Blocking-pool threads busy.",
                                  labels=["worker"])

@@ -13,6 +13,7 @@ from tidegate.engine.options import EngineOptions
 from tidegate.engine.worker import Worker, current_worker_index
 from tidegate.gateway.config import GatewayConfig
 from tidegate.gateway.node import Node
+from tidegate.observe import trace
 from tidegate.server import http_api
 from tidegate.server.tcp_app import TcpApp
 from tidegate.server.websocket_app import WebSocketApp
@@ -50,6 +51,15 @@ def build(
 
     def on_boot(worker: Worker) -> None:
         broker.attach(worker)
+        broker.register_service("debug_leaks", worker.leak_report)
+        broker.register_service(
+            "debug_trace",
+            lambda since_us, limit: {
+                "worker": worker.index,
+                "now_us": trace.now_us(),
+                "events": worker.trace.snapshot(since_us, limit=limit),
+            },
+        )
 
     def on_tick(worker: Worker) -> float | None:
         now = worker.loop.time()

@@ -101,6 +101,8 @@ class HttpApi:
             "history_remove": self.history_remove,
             "channels": self.channels,
             "info": self.info,
+            "debug_leaks": self.debug_leaks,
+            "debug_trace": self.debug_trace,
         }
 
     async def _everywhere(self, name: str, *args: Any) -> list[Any]:
@@ -311,6 +313,17 @@ class HttpApi:
         if pattern:
             merged = {k: v for k, v in merged.items() if fnmatch.fnmatchcase(k, pattern)}
         return {"channels": {k: {"num_clients": v} for k, v in sorted(merged.items())}}
+
+    async def debug_leaks(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Every worker's leak report: long-lived tasks with their creation site, silent
+        connections past their heartbeat deadline."""
+        return {"workers": await self._everywhere("debug_leaks")}
+
+    async def debug_trace(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Every worker's lifecycle events since ``since_us`` (CLOCK_MONOTONIC µs)."""
+        since = int(params.get("since_us", 0))
+        limit = int(params.get("limit", 50_000))
+        return {"workers": await self._everywhere("debug_trace", since, limit)}
 
     async def info(self, params: dict[str, Any]) -> dict[str, Any]:
         totals = {"num_clients": 0, "num_users": 0, "num_subs": 0}
