@@ -17,8 +17,10 @@ import base64
 import json
 import multiprocessing as mp
 import os
+import resource
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -146,29 +148,47 @@ def client_process(host: str, port: int, conns: int, seconds: float, tidegate: b
     out.put({"n": stats["n"], "lat": stats["lat"][:50_000]})
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
+
+
+def children_cpu() -> float:
+    """CPU seconds of the reaped children (the client processes once joined)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def drive(name: str, port: int, server_pids: list[int], args: argparse.Namespace) -> dict[str, Any]:
     ctx = mp.get_context("fork")
     q: Any = ctx.Queue()
     per = args.connections // args.clients
-    cpu0 = sum(cpu_seconds(p) for p in server_pids)
+    cpu0 = [cpu_times(p) for p in server_pids]
+    clients0 = children_cpu()
     procs = [ctx.Process(target=client_process,
-                         args=("127.0.0.1", port, per, args.seconds, name == "tidegate", q))
+                         args=("127.0.0.1", port, per, args.seconds, name != "picows", q))
              for _ in range(args.clients)]
     for p in procs:
         p.start()
     results = [q.get(timeout=args.seconds + 120) for _ in procs]
     for p in procs:
         p.join(30)
-    cpu = sum(cpu_seconds(p) for p in server_pids) - cpu0
+    cpu1 = [cpu_times(p) for p in server_pids]
+    user = sum(b[0] - a[0] for a, b in zip(cpu0, cpu1, strict=True))
+    system = sum(b[1] - a[1] for a, b in zip(cpu0, cpu1, strict=True))
+    cpu = user + system
+    clients = children_cpu() - clients0
     n = sum(r["n"] for r in results)
     lat = sorted(x for r in results for x in r["lat"])
     pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 3)) if lat else \
         (lambda q: None)
+    per_rt = (lambda s: round(s / n * 1e6, 2)) if n else (lambda s: None)
     return {
         "connections": per * args.clients,
         "seconds": args.seconds,
@@ -177,8 +197,59 @@ def drive(name: str, port: int, server_pids: list[int], args: argparse.Namespace
         "latency_ms_p50": pct(0.5),
         "latency_ms_p99": pct(0.99),
         "server_cpu_seconds": round(cpu, 2),
-        "server_cpu_us_per_round_trip": round(cpu / n * 1e6, 2) if n else None,
+        "server_cpu_us_per_round_trip": per_rt(cpu),
+        "server_user_us_per_round_trip": per_rt(user),
+        "server_sys_us_per_round_trip": per_rt(system),
+        "client_cpu_us_per_round_trip": per_rt(clients),
     }
+
+
+def run_tidegate(name: str, args: argparse.Namespace, src: str | None = None) -> dict[str, Any]:
+    """One tidegate worker (``src``: another checkout's ``src`` directory, for a baseline)."""
+    env = {**os.environ, "PYTHONPATH": src} if src else None
+    with tempfile.TemporaryDirectory() as tmp:
+        port, tcp, status = free_port(), free_port(), Path(tmp) / "status.json"
+        tg = subprocess.Popen(
+            [sys.executable, "-m", "tidegate", "serve", "--config", str(ROOT / "config/example.toml"),
+             "--port", str(port), "--tcp-port", str(tcp), "--metrics-port", "0", "--workers", "1",
+             "--rpc-handler", "tidegate.server.app:echo_rpc", "--status-file", str(status)],
+            stderr=subprocess.DEVNULL, env=env)
+        try:
+            while not (status.exists() and json.loads(status.read_text() or "{}").get("ready")):
+                if tg.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {tg.returncode}")
+                time.sleep(0.05)
+            pids = json.loads(status.read_text())["workers"]
+            return drive(name, port, pids, args)
+        finally:
+            tg.send_signal(signal.SIGTERM)
+            tg.wait(30)
+
+
+def run_picows(args: argparse.Namespace) -> dict[str, Any]:
+    pport = free_port()
+    pw = subprocess.Popen([sys.executable, str(ROOT / "bench/picows_echo_server.py"), str(pport)],
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        assert pw.stdout is not None and pw.stdout.readline().strip() == "ready"
+        return drive("picows", pport, [pw.pid], args)
+    finally:
+        pw.kill()
+        pw.wait()
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Field by field median of several runs of one server."""
+    out: dict[str, Any] = {}
+    for key, value in runs[0].items():
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if not values or not isinstance(value, float | int):
+            out[key] = value
+        elif isinstance(value, int):
+            out[key] = int(statistics.median_low(values))
+        else:
+            out[key] = round(statistics.median(values), 3)
+    return out
 
 
 def main() -> int:
@@ -186,36 +257,45 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the servers in turn this many times, swapping the order each round;\n"
+                         "the report gives the per-round figures and their medians")
+    ap.add_argument("--baseline", default="",
+                    help="also run tidegate from this src directory (another checkout) each round")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                              "command": sys.argv, "cores": os.cpu_count()}
-    with tempfile.TemporaryDirectory() as tmp:
-        port, tcp, status = free_port(), free_port(), Path(tmp) / "status.json"
-        tg = subprocess.Popen(
-            [sys.executable, "-m", "tidegate", "serve", "--config", str(ROOT / "config/example.toml"),
-             "--port", str(port), "--tcp-port", str(tcp), "--metrics-port", "0", "--workers", "1",
-             "--rpc-handler", "tidegate.server.app:echo_rpc", "--status-file", str(status)],
-            stderr=subprocess.DEVNULL)
-        try:
-            while not (status.exists() and json.loads(status.read_text() or "{}").get("ready")):
-                time.sleep(0.05)
-            pids = json.loads(status.read_text())["workers"]
-            report["tidegate"] = drive("tidegate", port, pids, args)
-        finally:
-            tg.send_signal(signal.SIGTERM)
-            tg.wait(30)
-        pport = free_port()
-        pw = subprocess.Popen([sys.executable, str(ROOT / "bench/picows_echo_server.py"), str(pport)],
-                              stdout=subprocess.PIPE, text=True)
-        try:
-            assert pw.stdout is not None and pw.stdout.readline().strip() == "ready"
-            report["picows"] = drive("picows", pport, [pw.pid], args)
-        finally:
-            pw.kill()
-            pw.wait()
-    t, p = report["tidegate"]["round_trips_per_s"], report["picows"]["round_trips_per_s"]
-    report["tidegate_vs_picows_round_trips"] = round(t / p, 3) if p else None
+                              "command": sys.argv, "cores": os.cpu_count(),
+                              "load_average": os.getloadavg()}
+    servers: list[tuple[str, Any]] = [("tidegate", lambda: run_tidegate("tidegate", args))]
+    if args.baseline:
+        servers.append(("baseline", lambda: run_tidegate("baseline", args, args.baseline)))
+    servers.append(("picows", lambda: run_picows(args)))
+    rounds: list[dict[str, Any]] = []
+    for i in range(args.rounds):
+        order = servers if i % 2 == 0 else servers[::-1]
+        one: dict[str, Any] = {"order": [name for name, _ in order]}
+        for name, run in order:
+            one[name] = run()
+        p = one["picows"]["round_trips_per_s"]
+        for name, _ in servers[:-1]:
+            one[f"{name}_vs_picows_round_trips"] = \
+                round(one[name]["round_trips_per_s"] / p, 3) if p else None
+        rounds.append(one)
+        if args.rounds > 1:
+            print(json.dumps({k: v for k, v in one.items() if k.endswith("_round_trips")}),
+                  file=sys.stderr, flush=True)
+    for name, _ in servers:
+        report[name] = rounds[0][name] if args.rounds == 1 else median_of([r[name] for r in rounds])
+    for name, _ in servers[:-1]:
+        ratios = [r[f"{name}_vs_picows_round_trips"] for r in rounds
+                  if r[f"{name}_vs_picows_round_trips"] is not None]
+        key = f"{name}_vs_picows_round_trips"
+        report[key] = round(statistics.median(ratios), 3) if ratios else None
+        if args.rounds > 1:
+            report[f"{key}_per_round"] = ratios
+    if args.rounds > 1:
+        report["rounds"] = rounds
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

@@ -12,8 +12,9 @@ ports per (source, destination) pair never run out, and keeps its connections le
 
 The runner talks to the process over pipes. Commands arrive on stdin, one word a line:
 ``go`` (start connecting), ``halt`` (stop connecting), ``hold`` (every client is connected: the
-pings sent from now on are the hold phase's), ``close`` (end the hold: close everything, report,
-exit). End of stdin means the runner is gone: close and exit. The process writes JSON
+pings sent from now on are the hold phase's), ``subscribed`` (a broadcast is about to start:
+answer with a ``subscribed`` line saying how many connections are up), ``close`` (end the hold:
+close everything, report, exit). End of stdin means the runner is gone: close and exit. The process writes JSON
 lines on stdout: ``ready``, then ``progress`` every ``progress_interval_s``, ``connected`` when
 its connects are done, and ``final`` with its counters and histograms.
 
@@ -22,14 +23,19 @@ into a :class:`ClientConnection` (handshake included); the wheel and the runner 
 ``ping``/``close`` and read the shared :class:`Stats`. ``raw`` speaks
 :mod:`tidegate.protocol.heartbeat` frames; it sends a first ping (the "hello") as soon as the TCP
 connect completes, and with ``established_on="pong"`` (the default) the connect counts only once
-the server's app answered it.
+the server's app answered it. ``ws`` speaks the gateway's WebSocket JSON client protocol (v2):
+HTTP upgrade, ``connect`` with a token, ``subscribe`` to one channel (established = the subscribe
+reply arrived), then heartbeats with the protocol's own ``ping`` command, answering the server's
+pings (``{}``) and counting the publications of a broadcast (:class:`Deliveries`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import gc
+import hashlib
 import json
 import os
 import resource
@@ -103,8 +109,20 @@ class ClientConfig:
     progress_interval_s: float = 0.25
     lifetime_s: float = 3600.0
     loop: str = "uvloop"
-    tick_s: float = 0.05
+    # Heartbeats go out in bursts, one bucket every tick: at 500k connections a fine tick
+    # (50 ms) wakes every server worker for one or two pings at a time, and the context
+    # switches cost more than the pings. 0.5 s lets each wakeup answer a batch.
+    tick_s: float = 0.5
+    # ws: the channel every connection subscribes to, the path of the WebSocket endpoint, and
+    # how many publications of a broadcast to count (seq 0..broadcast_count-1). The connect
+    # token comes in the environment (TOKEN_ENV), not on the command line.
+    channel: str = "bench"
+    ws_path: str = "/connection/websocket"
+    broadcast_count: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+TOKEN_ENV = "TIDEGATE_BENCH_TOKEN"
 
 
 class Stats:
@@ -194,8 +212,18 @@ class Stats:
         }
 
 
+class HandshakeError(OSError):
+    """A connect refused above TCP (an HTTP status, an error reply, a close frame)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def error_reason(exc: BaseException) -> str:
     """A short label for a failed connect: ``timeout``, ``ECONNREFUSED``, ``EADDRNOTAVAIL``..."""
+    if isinstance(exc, HandshakeError):
+        return exc.reason
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, OSError) and exc.errno is not None:
@@ -239,6 +267,14 @@ class ClientDriver:
         """Take over the connected ``sock``; return once the connection is usable (handshakes
         included). Raise to count a failed connect; the caller closes ``sock``."""
         raise NotImplementedError
+
+    def progress_fields(self) -> dict[str, int]:
+        """The protocol's own counters for the progress lines (small, changing numbers)."""
+        return {}
+
+    def final_fields(self) -> dict[str, Any]:
+        """The protocol's own figures for the final report."""
+        return {}
 
 
 class RawConnection(asyncio.Protocol):
@@ -392,7 +428,422 @@ class RawDriver(ClientDriver):
         return conn
 
 
-PROTOCOLS: dict[str, type[ClientDriver]] = {"raw": RawDriver}
+# --------------------------------------------------------------------------- ws (gateway JSON)
+
+# Connection phases of a ws connection (``WsConnection.phase``), before it is READY.
+WS_UPGRADE = 0  # the HTTP upgrade request is out, waiting for "101 Switching Protocols"
+WS_CONNECTING = 1  # the connect command is out
+WS_SUBSCRIBING = 2  # the subscribe command is out
+WS_READY = 3  # the subscribe reply arrived: established
+
+# Our own heartbeats are the protocol's ping command, ``{"id":N,"ping":{}}``, answered
+# ``{"id":N,"ping":{}}``. N carries the ping's token (its send time, in ~µs, modulo 2^30) and is
+# always >= 2^30, so it is never 1 or 2 (connect, subscribe) and always has 10 digits: the frame
+# has one fixed size and a fixed header.
+PING_ID_BASE = 1 << 30
+_PING_HEADER = b"\x81" + bytes((0x80 | len(b'{"id":%d,"ping":{}}' % PING_ID_BASE),)) + b"\0\0\0\0"
+# The answer to the server's ping ``{}``: a masked text frame with an all-zero mask key.
+WS_PONG_FRAME = b"\x81\x82\0\0\0\0{}"
+MAX_HANDSHAKE_BYTES = 16384
+
+
+def ping_id(token_ns: int) -> int:
+    return ((token_ns >> 10) & (PING_ID_BASE - 1)) | PING_ID_BASE
+
+
+def ws_client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """A final, masked client frame with the all-zero mask key (so the payload goes as is)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+class Deliveries:
+    """A process's count of a broadcast: per publication (its ``seq``), how many of our
+    connections got it and when the first and the last did; a histogram of latencies
+    (receive time - the publication's ``t``, both this machine's wall clock).
+
+    One instance per process, a few lists of ``count`` numbers: a delivery costs a dict lookup
+    (the parsed payload is cached: every subscriber gets the same bytes), a few list stores and a
+    histogram record, never anything per connection beyond the connection's ``last_seq``.
+    """
+
+    __slots__ = ("count", "channel", "received", "first_ns", "last_ns", "latency_us", "total",
+                 "duplicates", "out_of_order", "other", "cache")
+
+    def __init__(self, count: int, channel: str) -> None:
+        self.count = count
+        self.channel = channel
+        self.received = [0] * count
+        self.first_ns = [0] * count
+        self.last_ns = [0] * count
+        self.latency_us = Histogram()
+        self.total = 0
+        self.duplicates = 0  # a connection got the same seq twice (not counted in received)
+        self.out_of_order = 0  # a connection got a seq lower than one it already had
+        self.other = 0  # pushes that are not publications of the broadcast
+        self.cache: dict[bytes, tuple[int, int]] = {}
+
+    def parse(self, payload: bytes) -> tuple[int, int]:
+        """(seq, publish time in ns) of a push, (-1, 0) when it is not one of ours."""
+        result = (-1, 0)
+        try:
+            push = json.loads(payload)["push"]
+            if push.get("channel") == self.channel and "pub" in push:
+                data = push["pub"]["data"]
+                seq, t = data["seq"], data["t"]
+                if type(seq) is int and 0 <= seq < self.count:
+                    result = (seq, int(float(t) * 1e9))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+        cache = self.cache
+        if len(cache) >= 256:
+            cache.clear()
+        cache[payload] = result
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "received": self.received,
+            "first_ns": self.first_ns,
+            "last_ns": self.last_ns,
+            "latency_us": self.latency_us.to_dict(),
+            "total": self.total,
+            "duplicates": self.duplicates,
+            "out_of_order": self.out_of_order,
+            "other_pushes": self.other,
+        }
+
+
+class WsConnection(asyncio.Protocol):
+    """A gateway client over WebSocket speaking the JSON protocol (v2), subscribed to one channel.
+
+    Inbound frames are parsed in ``data_received`` (server frames are unmasked; several JSON
+    objects in one frame are split on ``\\n``); outbound frames are masked with a zero key.
+    """
+
+    __slots__ = ("transport", "rbuf", "ping_sent", "state", "phase", "waiter", "close_code",
+                 "last_seq")
+    stats: ClassVar[Stats]
+    deliveries: ClassVar[Deliveries]
+    connect_frame: ClassVar[bytes] = b""
+    subscribe_frame: ClassVar[bytes] = b""
+    accept: ClassVar[bytes] = b""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.rbuf = b""
+        self.ping_sent = 0
+        self.state = PENDING
+        self.phase = WS_UPGRADE
+        self.waiter: asyncio.Future[None] | None = None
+        self.close_code = 0  # the code of the server's close frame, 0 when none came
+        self.last_seq = -1  # the highest broadcast seq this connection got
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+
+    # ---- inbound
+    def data_received(self, data: bytes) -> None:
+        if self.rbuf:
+            data = self.rbuf + data
+            self.rbuf = b""
+        if self.phase == WS_UPGRADE:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(data) > MAX_HANDSHAKE_BYTES:
+                    self._fail("handshake_too_long")
+                else:
+                    self.rbuf = data
+                return
+            head = data[:end]
+            if not head.startswith(b"HTTP/1.1 101"):
+                status = head[9:12].decode("ascii", "replace")
+                self._fail(f"http_{status}" if status.isdigit() else "bad_http_response")
+                return
+            if self.accept not in head:
+                self._fail("bad_sec_websocket_accept")
+                return
+            self.phase = WS_CONNECTING
+            transport = self.transport
+            if transport is not None:
+                transport.write(self.connect_frame)
+            data = data[end + 4 :]
+        pos = 0
+        end_all = len(data)
+        while end_all - pos >= 2:
+            b0 = data[pos]
+            n = data[pos + 1]
+            if n & 0x80:
+                self._protocol_error("ws_masked_server_frame")
+                return
+            if n < 126:
+                start = pos + 2
+            elif n == 126:
+                if end_all - pos < 4:
+                    break
+                n = (data[pos + 2] << 8) | data[pos + 3]
+                start = pos + 4
+            else:
+                if end_all - pos < 10:
+                    break
+                n = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                start = pos + 10
+                if n > MAX_FRAME_BYTES:
+                    self._protocol_error("ws_frame_too_large")
+                    return
+            stop = start + n
+            if stop > end_all:
+                break
+            pos = stop
+            if b0 == 0x81 or b0 == 0x82:
+                self._message(data[start:stop])
+            elif b0 == 0x88:  # close
+                self.close_code = (data[start] << 8) | data[start + 1] if n >= 2 else 1005
+                if self.state == PENDING:
+                    self._fail(f"ws_close_{self.close_code}")
+                else:
+                    self._close_transport()
+                return
+            elif b0 == 0x89:  # a WebSocket-level ping: pong with its payload
+                transport = self.transport
+                if transport is not None and self.state != CLOSING:
+                    transport.write(ws_client_frame(data[start:stop], 0xA))
+                self.stats.server_pings += 1
+            elif b0 == 0x8A:  # an unsolicited pong: nothing to do
+                pass
+            else:
+                self._protocol_error("ws_unexpected_frame")  # fragments, RSV bits, opcodes
+                return
+            if self.transport is None:
+                return
+        if pos < end_all:
+            self.rbuf = data[pos:]
+
+    def _message(self, payload: bytes) -> None:
+        if payload == b"{}":  # the server's ping
+            transport = self.transport
+            if transport is not None and self.state != CLOSING:
+                transport.write(WS_PONG_FRAME)
+            self.stats.server_pings += 1
+        elif b"\n" in payload:
+            for part in payload.split(b"\n"):
+                if part.strip():
+                    self._message(part.strip())
+        elif payload.startswith(b'{"push":'):
+            self._push(payload)
+        elif payload.startswith(b'{"id":'):
+            self._reply(payload)
+        else:
+            self.stats.data_frames += 1
+
+    def _push(self, payload: bytes) -> None:
+        d = self.deliveries
+        hit = d.cache.get(payload)
+        if hit is None:
+            hit = d.parse(payload)
+        seq = hit[0]
+        if seq < 0:
+            d.other += 1
+            return
+        now = time.time_ns()
+        last = self.last_seq
+        if seq <= last:
+            if seq == last:
+                d.duplicates += 1
+                return
+            d.out_of_order += 1
+        else:
+            self.last_seq = seq
+        d.received[seq] += 1
+        d.total += 1
+        if not d.first_ns[seq]:
+            d.first_ns[seq] = now
+        if now > d.last_ns[seq]:
+            d.last_ns[seq] = now
+        d.latency_us.record((now - hit[1]) // 1000)
+
+    def _reply(self, payload: bytes) -> None:
+        comma = payload.find(b",", 6)
+        try:
+            cid = int(payload[6:comma])
+        except ValueError:
+            self._protocol_error("bad_reply")
+            return
+        stats = self.stats
+        if cid >= PING_ID_BASE:
+            sent = self.ping_sent
+            if sent and cid == ping_id(sent) and payload.startswith(b'"ping"', comma + 1):
+                rtt_us = (time.monotonic_ns() - sent) // 1000
+                if sent >= stats.hold_since_ns:
+                    stats.rtt_hold_us.record(rtt_us)
+                    if rtt_us > stats.window_rtt_max_us:
+                        stats.window_rtt_max_us = rtt_us
+                else:
+                    stats.rtt_connect_phase_us.record(rtt_us)
+                stats.pongs += 1
+                stats.outstanding -= 1
+                self.ping_sent = 0
+            else:
+                stats.late_pongs += 1
+            return
+        phase = self.phase
+        if cid == 1 and phase == WS_CONNECTING:
+            if not payload.startswith(b'"connect"', comma + 1):
+                self._fail(_reply_error("connect", payload))
+                return
+            self.phase = WS_SUBSCRIBING
+            transport = self.transport
+            if transport is not None:
+                transport.write(self.subscribe_frame)
+        elif cid == 2 and phase == WS_SUBSCRIBING:
+            if not payload.startswith(b'"subscribe"', comma + 1):
+                self._fail(_reply_error("subscribe", payload))
+                return
+            self.phase = WS_READY
+            waiter = self.waiter
+            if waiter is not None:
+                self.waiter = None
+                if not waiter.done():
+                    waiter.set_result(None)
+        else:
+            self._protocol_error("unexpected_reply")
+
+    # ---- failures and closes
+    def _fail(self, reason: str) -> None:
+        """The connect failed above TCP: the waiting connect raises ``reason`` (and counts it);
+        on a connection past its connect, a protocol error."""
+        waiter = self.waiter
+        if waiter is None:
+            self._protocol_error(reason)
+            return
+        self.waiter = None
+        if not waiter.done():
+            waiter.set_exception(HandshakeError(reason))
+        self._close_transport()
+
+    def _protocol_error(self, reason: str) -> None:
+        stats = self.stats
+        stats.protocol_errors += 1
+        if self.waiter is not None:
+            self._fail(f"protocol_{reason}")  # the failed connect counts the error
+            return
+        stats.error(f"protocol_{reason}")
+        self.close()
+
+    def _close_transport(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        stats = self.stats
+        state = self.state
+        self.state = CLOSED
+        self.transport = None
+        self.rbuf = b""
+        code = self.close_code
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_exception(
+                    HandshakeError(f"ws_close_{code}") if code else exc or ConnectionResetError(
+                        errno.ECONNRESET, "closed by the server during the ws handshake"))
+        if state == PENDING or state == CLOSED:
+            return
+        stats.open -= 1
+        if state == OPEN:
+            stats.unexpected_close(
+                f"ws_close_{code}" if code else "eof" if exc is None else error_reason(exc))
+        if self.ping_sent:
+            stats.missed += 1
+            stats.outstanding -= 1
+            self.ping_sent = 0
+
+    # ---- what the wheel and the process call
+    def ping(self, token_ns: int) -> bool:
+        transport = self.transport
+        if transport is None or self.state != OPEN:
+            return False
+        transport.write(_PING_HEADER + b'{"id":%d,"ping":{}}' % ping_id(token_ns))
+        self.ping_sent = token_ns
+        return True
+
+    def close(self) -> None:
+        if self.state == OPEN:
+            self.state = CLOSING
+        elif self.state == PENDING:
+            self.state = CLOSED
+        self._close_transport()
+
+
+def _reply_error(method: str, payload: bytes) -> str:
+    """``connect_error_109``-style label of a refused command."""
+    try:
+        code = json.loads(payload)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return f"{method}_bad_reply"
+    return f"{method}_error_{code}"
+
+
+class WsDriver(ClientDriver):
+    """The gateway's WebSocket endpoint, JSON protocol: upgrade, connect, subscribe."""
+
+    name = "ws"
+
+    def __init__(self, stats: Stats, config: ClientConfig) -> None:
+        super().__init__(stats, config)
+        token = os.environ.get(TOKEN_ENV, "")
+        key = base64.b64encode(os.urandom(16)).decode("ascii")
+        accept = base64.b64encode(
+            hashlib.sha1(key.encode("ascii") + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        self.upgrade = (
+            f"GET {config.ws_path} HTTP/1.1\r\nHost: {config.host}:{config.port}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n").encode("ascii")
+        connect: dict[str, Any] = {"name": "tidegate-bench"}
+        if token:
+            connect = {"token": token, **connect}
+        WsConnection.stats = stats
+        WsConnection.deliveries = self.deliveries = Deliveries(
+            config.broadcast_count, config.channel)
+        WsConnection.accept = b"Sec-WebSocket-Accept: " + accept
+        WsConnection.connect_frame = ws_client_frame(
+            json.dumps({"id": 1, "connect": connect}, separators=(",", ":")).encode())
+        WsConnection.subscribe_frame = ws_client_frame(json.dumps(
+            {"id": 2, "subscribe": {"channel": config.channel}}, separators=(",", ":")).encode())
+
+    async def open(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> ClientConnection:
+        transport, conn = await loop.create_connection(WsConnection, sock=sock)
+        waiter: asyncio.Future[None] = loop.create_future()
+        conn.waiter = waiter
+        transport.write(self.upgrade)
+        try:
+            await waiter
+        except BaseException:
+            conn.waiter = None
+            conn.close()
+            raise
+        return conn
+
+    def progress_fields(self) -> dict[str, int]:
+        return {"deliveries": self.deliveries.total}
+
+    def final_fields(self) -> dict[str, Any]:
+        return {"broadcast": self.deliveries.to_dict()}
+
+
+PROTOCOLS: dict[str, type[ClientDriver]] = {"raw": RawDriver, "ws": WsDriver}
 
 
 class PingWheel:
@@ -541,6 +992,10 @@ class Control:
                 self.stats.hold_since_ns = time.monotonic_ns()
             elif command == "halt":
                 self.halt.set()
+            elif command == "subscribed":
+                # Before a broadcast: the connections that are up now are the ones expected
+                # to get every publication.
+                emit("subscribed", open=self.stats.open, established=self.stats.established)
             elif command == "close":
                 self.stop("close")
 
@@ -649,8 +1104,10 @@ class ClientProcess:
         interval = self.config.progress_interval_s
         last: dict[str, int] | None = None
         stats = self.stats
+        extra = self.driver.progress_fields
         while True:
             snapshot = stats.progress()
+            snapshot.update(extra())
             if snapshot != last or stats.window_rtt_max_us:
                 emit("progress", **snapshot, rtt_max_us=stats.window_rtt_max_us)
                 stats.window_rtt_max_us = 0
@@ -676,6 +1133,7 @@ class ClientProcess:
         emit(
             "connected",
             **stats.progress(),
+            **self.driver.progress_fields(),
             cpu_seconds=_cpu_seconds(),
             connect_started_ns=self.connect_started_ns,
             connect_done_ns=self.connect_done_ns,
@@ -706,6 +1164,8 @@ class ClientProcess:
         emit(
             "final",
             **stats.progress(),
+            **self.driver.progress_fields(),
+            **self.driver.final_fields(),
             reason=control.reason,
             held=held,
             held_ns=held_ns,

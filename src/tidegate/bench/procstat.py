@@ -70,9 +70,41 @@ def cpu_ticks(pid: int, *, children: bool = False) -> int | None:
     return ticks
 
 
+def cpu_ticks_split(pid: int) -> tuple[int, int] | None:
+    """(user, system) CPU of ``pid`` in clock ticks (utime, stime of /proc/<pid>/stat)."""
+    text = _read_text(f"/proc/{pid}/stat")
+    if text is None:
+        return None
+    rest = text[text.rfind(")") + 2 :].split()
+    try:
+        return int(rest[11]), int(rest[12])
+    except (IndexError, ValueError):
+        return None
+
+
 def cpu_seconds(pid: int, *, children: bool = False) -> float | None:
     ticks = cpu_ticks(pid, children=children)
     return None if ticks is None else ticks / CLOCK_TICKS
+
+
+def cpu_ns(pid: int) -> int | None:
+    """Nanoseconds ``pid`` spent on a CPU, all its threads (``/proc/<pid>/task/*/schedstat``):
+    finer than :func:`cpu_ticks` for short windows. Threads that already exited are not counted.
+    """
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total = 0
+    for tid in tids:
+        text = _read_text(f"/proc/{pid}/task/{tid}/schedstat")
+        if text is None:
+            continue
+        try:
+            total += int(text.split()[0])
+        except (IndexError, ValueError):
+            continue
+    return total
 
 
 def open_fds(pid: int) -> int | None:

@@ -12,6 +12,12 @@ A run goes through phases, each with a deadline, so it always ends by itself:
 5. close: tell the clients to close, collect their final counters and histograms;
 6. measure the server's CPU once it is quiet again, stop it, write the report.
 
+With ``--protocol ws`` the server is the gateway (``tidegate serve --config ...``): each
+connection upgrades, connects with a token and subscribes to ``--channel``; with
+``--broadcast-rate`` the runner publishes ``--broadcast-count`` messages to that channel through the
+server HTTP API during the hold and the report says how many deliveries arrived, how fast and how
+late (see :meth:`Bench.broadcast_phase`).
+
 Figures are measured, never estimated: what cannot be measured (the memory of a ``--target``
 server without its status file) is ``null``. Heartbeat RTT percentiles are those of the pings
 sent during the hold (every connection up); the connect phase's are reported apart.
@@ -43,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from tidegate.bench import procstat
-from tidegate.bench.client import PROTOCOLS, ClientConfig, config_json
+from tidegate.bench.client import PROTOCOLS, TOKEN_ENV, ClientConfig, config_json, error_reason
 from tidegate.bench.histogram import Histogram
 
 # fds a client process keeps besides its connections (pipes, epoll, the interpreter's own).
@@ -107,6 +113,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="rst: close with SO_LINGER 0, leaving no TIME_WAIT behind (default); "
                    "fin: orderly shutdown")
 
+    g = parser.add_argument_group("ws protocol and broadcast")
+    g.add_argument("--channel", default="bench",
+                   help="ws: the channel every connection subscribes to (default: bench)")
+    g.add_argument("--broadcast-rate", type=_non_negative_float, default=0.0, metavar="R",
+                   help="ws: publications per second to the channel through the server HTTP "
+                   "API during the hold; 0 = no broadcast (default: 0)")
+    g.add_argument("--broadcast-count", type=_positive_int, default=10, metavar="K",
+                   help="ws: how many publications (default: 10)")
+    g.add_argument("--broadcast-start", type=_non_negative_float, default=2.0, metavar="SECONDS",
+                   help="ws: when into the hold the first publication goes out; the second "
+                   "before it measures the server's baseline CPU (default: 2)")
+    g.add_argument("--broadcast-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+                   help="ws: how long after the last publication to wait for every delivery "
+                   "(default: 30); the hold lasts until then if --hold is shorter")
+
     g = parser.add_argument_group("server")
     g.add_argument("--target", metavar="HOST:PORT",
                    help="aim at a server already running (loopback only) instead of starting one")
@@ -121,6 +142,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="event loop of the server it starts")
     g.add_argument("--server-ping-interval", type=_positive_float, metavar="SECONDS",
                    help="the started server's own --ping-interval-s (default: --ping-interval)")
+    g.add_argument("--server-config", metavar="PATH",
+                   help="ws: the gateway's TOML config, for the server it starts and for the "
+                   "connect token secret and the API key (the TIDEGATE_* environment "
+                   "overrides it, as in the server) (default: the source tree's "
+                   "config/example.toml)")
     g.add_argument("--server-cmd", metavar="CMD",
                    help="command that starts the server, before `--app ...` "
                    "(default: '<this python> -m tidegate serve')")
@@ -139,7 +165,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--connect-timeout", type=_positive_float, default=15.0, metavar="SECONDS",
                    help="timeout of one connect (default: 15)")
     g.add_argument("--connect-phase-timeout", type=_positive_float, metavar="SECONDS",
-                   help="timeout of the whole connect phase (default: max(60, N/2000))")
+                   help="timeout of the whole connect phase (default: max(60, N/2000); ws: "
+                   "max(60, N/250): each connect is an upgrade, a token check and a subscribe)")
     g.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop",
                    help="event loop of the client processes (default: uvloop)")
 
@@ -313,6 +340,28 @@ class Server:
             values.append(procstat.cpu_ticks(self.pid, children=True))
         return procstat.sum_known(values)
 
+    def cpu_ns(self) -> int | None:
+        """CPU time of the supervisor (which relays publications between workers) and the
+        workers, all threads, in ns: for short windows (a broadcast)."""
+        if not self.workers:
+            return None
+        pids = [*self.workers, *([self.pid] if self.pid is not None else [])]
+        return procstat.sum_known(procstat.cpu_ns(pid) for pid in pids)
+
+    def cpu_user_system_ticks(self) -> tuple[int, int] | None:
+        """(user, system) clock ticks of the supervisor and the workers."""
+        if not self.workers:
+            return None
+        pids = [*self.workers, *([self.pid] if self.pid is not None else [])]
+        user = system = 0
+        for pid in pids:
+            split = procstat.cpu_ticks_split(pid)
+            if split is None:
+                return None
+            user += split[0]
+            system += split[1]
+        return user, system
+
     def alive(self) -> bool:
         if self.proc is not None:
             return self.proc.returncode is None
@@ -327,6 +376,8 @@ class Client:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
+    subscribed_msg: dict[str, Any] | None = None
     latest: dict[str, Any] = field(default_factory=dict)
     connected_msg: dict[str, Any] | None = None
     final: dict[str, Any] | None = None
@@ -372,6 +423,9 @@ class Client:
                 self.latest = msg
                 self.connected_msg = msg
                 self.connected.set()
+            elif kind == "subscribed":
+                self.subscribed_msg = msg
+                self.subscribed.set()
             elif kind == "final":
                 self.latest = msg
                 self.final = msg
@@ -380,6 +434,7 @@ class Client:
         # The process is gone (or going): nobody should wait for it any more.
         self.ready.set()
         self.connected.set()
+        self.subscribed.set()
         self.finished.set()
 
 
@@ -395,6 +450,97 @@ def _tail(path: str | None, lines: int = 20) -> str:
 
 def _sum(clients: Iterable[Client], key: str) -> int:
     return sum(int(c.latest.get(key, 0)) for c in clients)
+
+
+class ApiPublisher:
+    """One keep-alive HTTP/1.1 connection to the server API: ``POST /api/publish``."""
+
+    def __init__(self, host: str, port: int, api_key: str, timeout: float = 60.0) -> None:
+        self.host = host
+        self.port = port
+        self.api_key = api_key
+        self.timeout = timeout  # a stalled server may take seconds: its latency is a figure
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.requests = 0  # requests sent, retries included
+
+    async def publish(self, body: bytes) -> str:
+        """Publish; return "" when the API acknowledged it, else a short error label.
+
+        A request is sent again (once, on a new connection) only when a reused keep-alive
+        connection turned out closed before any byte of the reply came: never after a
+        timeout or a partial reply, when the server may have taken the first one (a
+        publication sent twice would show as duplicated deliveries).
+        """
+        head = (f"POST /api/publish HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"X-API-Key: {self.api_key}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        for attempt in (0, 1):
+            reused = self.writer is not None
+            try:
+                if self.writer is None:
+                    self.reader, self.writer = await asyncio.wait_for(
+                        asyncio.open_connection(self.host, self.port), self.timeout)
+                writer = self.writer
+                assert writer is not None
+                self.requests += 1
+                writer.write(head + body)
+                await writer.drain()
+                status, reply, close = await asyncio.wait_for(self._response(), self.timeout)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    ValueError) as exc:  # TimeoutError is an OSError
+                await self.close()
+                stale = (isinstance(exc, (BrokenPipeError, ConnectionResetError))
+                         or (isinstance(exc, asyncio.IncompleteReadError) and not exc.partial))
+                if attempt == 0 and reused and stale and not isinstance(exc, TimeoutError):
+                    continue
+                if isinstance(exc, asyncio.IncompleteReadError):
+                    return "api_closed_before_reply"
+                return f"api_{error_reason(exc)}"
+            if close:
+                await self.close()
+            if status != 200:
+                return f"api_http_{status}"
+            try:
+                data = json.loads(reply)
+            except ValueError:
+                return "api_bad_reply"
+            if not isinstance(data, dict) or data.get("error"):
+                code = (data.get("error") or {}).get("code") if isinstance(data, dict) else None
+                return f"api_error_{code}"
+            return ""
+        return "api_unreachable"  # not reached
+
+    async def _response(self) -> tuple[int, bytes, bool]:
+        assert self.reader is not None
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = 0
+        close = False
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value.strip())
+            elif name == "connection" and value.strip().lower() == "close":
+                close = True
+        body = await self.reader.readexactly(length) if length else b""
+        return status, body, close
+
+    async def close(self) -> None:
+        writer, self.writer, self.reader = self.writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2.0)
+
+
+def default_server_config() -> str | None:
+    """The source tree's config/example.toml, when the bench runs from a checkout."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "config",
+                        "example.toml")
+    return os.path.normpath(path) if os.path.isfile(path) else None
 
 
 class Progress:
@@ -444,6 +590,14 @@ class Bench:
         self.phases: dict[str, float] = {}
         self.before: dict[str, Any] = {}
         self.go_ns = 0
+        self.ws = args.protocol == "ws"
+        self.broadcast_on = self.ws and args.broadcast_rate > 0
+        # ws: the gateway's config (path), its token secret and API key.
+        self.server_config: str | None = None
+        self.token_secret = ""
+        self.api_key = ""
+        # What the broadcast phase measured (see broadcast_phase); empty when it did not run.
+        self.bcast: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- setup
 
@@ -478,9 +632,50 @@ class Bench:
             "established_when": {
                 "pong": "the server answered the hello (a first ping sent at connect)",
                 "tcp": "the TCP handshake completed",
-            }[a.established_on],
-            "hello": a.hello,
+            }[a.established_on] if not self.ws else (
+                "the subscribe reply arrived (HTTP upgrade, connect, subscribe done)"),
+            "hello": a.hello and not self.ws,
         })
+        if self.ws:
+            self.report.update({
+                "channel": a.channel,
+                "server_config": self.server_config,
+                "heartbeat_method": "client ping command {\"id\":N,\"ping\":{}} answered by "
+                                    "the server; the server's own pings ({}) are answered too "
+                                    "(server_pings_answered)",
+                "broadcast_rate_per_s": a.broadcast_rate if self.broadcast_on else 0,
+                "broadcast_count": a.broadcast_count if self.broadcast_on else 0,
+            })
+        for key in BROADCAST_KEYS:
+            self.report.setdefault(key, None)
+
+    def load_gateway_config(self) -> None:
+        """ws: find the gateway config and take the token secret and API key from it."""
+        from tidegate.gateway.config import load_config
+
+        a = self.args
+        path = a.server_config or default_server_config()
+        try:
+            cfg = load_config(path, os.environ)
+        except Exception as exc:  # noqa: BLE001 - whatever the loader raises stops the run
+            raise BenchError(f"--server-config {path}: {exc}") from exc
+        self.server_config = path
+        self.token_secret = cfg.token_hmac_secret
+        self.api_key = cfg.api_key
+        if not self.token_secret and not cfg.allow_anonymous:
+            raise BenchError(f"the gateway config ({path or 'none'}) has no token secret and "
+                             "refuses anonymous clients: --server-config names one that works")
+        if self.broadcast_on and not self.api_key:
+            raise BenchError(f"the gateway config ({path or 'none'}) has no API key: the "
+                             "broadcast publishes through the server API")
+
+    def client_token(self, index: int, lifetime_s: float) -> str:
+        if not self.token_secret:
+            return ""
+        from tidegate.gateway.auth import encode_hs256
+
+        exp = int(time.time() + lifetime_s + 600)
+        return encode_hs256({"sub": f"bench-{index}", "exp": exp}, self.token_secret)
 
     async def start_server(self) -> Server:
         a = self.args
@@ -497,10 +692,22 @@ class Bench:
         log_path = os.path.join(self.workdir, "server.log")
         base = shlex.split(a.server_cmd) if a.server_cmd else [
             sys.executable, "-m", "tidegate", "serve"]
-        cmd = [*base, "--app", "echo", "--host", host, "--port", str(port),
-               "--connections", str(a.connections), "--status-file", status_path,
-               "--ping-interval-s", _num(a.server_ping_interval or a.ping_interval),
-               "--pong-timeout-s", _num(a.pong_timeout)]
+        if self.ws:
+            # The gateway as its config says (heartbeat settings included, unless
+            # --server-ping-interval is given), on ports of its own: never a default port
+            # another server on this machine may hold.
+            cmd = [*base, "--app", "gateway", "--host", host, "--port", str(port),
+                   "--tcp-port", str(free_port(host)), "--metrics-port", str(free_port(host)),
+                   "--connections", str(a.connections), "--status-file", status_path]
+            if self.server_config:
+                cmd += ["--config", self.server_config]
+            if a.server_ping_interval:
+                cmd += ["--ping-interval-s", _num(a.server_ping_interval)]
+        else:
+            cmd = [*base, "--app", "echo", "--host", host, "--port", str(port),
+                   "--connections", str(a.connections), "--status-file", status_path,
+                   "--ping-interval-s", _num(a.server_ping_interval or a.ping_interval),
+                   "--pong-timeout-s", _num(a.pong_timeout)]
         if a.server_workers:
             cmd += ["--workers", str(a.server_workers)]
         if a.balance:
@@ -543,13 +750,17 @@ class Bench:
                 max_inflight=a.max_inflight, ping_interval_s=a.ping_interval,
                 pong_timeout_s=a.pong_timeout, connect_timeout_s=a.connect_timeout,
                 close_mode=a.close_mode, hello=a.hello, established_on=a.established_on,
-                lifetime_s=lifetime_s, loop=a.client_loop)
+                lifetime_s=lifetime_s, loop=a.client_loop, channel=a.channel,
+                broadcast_count=a.broadcast_count if self.broadcast_on else 0)
             log_path = os.path.join(self.workdir, f"client-{plan.index}.log")
+            client_env = env
+            if self.ws:  # the token goes in the environment, not on the command line
+                client_env = dict(env, **{TOKEN_ENV: self.client_token(plan.index, lifetime_s)})
             with open(log_path, "wb") as log:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "tidegate.bench.client", config_json(config),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
-                    start_new_session=True, env=env, limit=1 << 22)
+                    start_new_session=True, env=client_env, limit=1 << 22)
             client = Client(plan=plan, proc=proc, log_path=log_path)
             client.reader = asyncio.create_task(client.read())
             self.clients.append(client)
@@ -582,8 +793,10 @@ class Bench:
         out["rss_each"] = [procstat.rss_bytes(pid) for pid in server.workers]
         out["rss"] = procstat.sum_known(out["rss_each"])
         out["cpu_ticks"] = server.cpu_ticks()
+        out["cpu_ticks_each"] = [procstat.cpu_ticks(pid) for pid in server.workers]
         if server.pid is not None:
             out["supervisor_rss"] = procstat.rss_bytes(server.pid)
+            out["supervisor_cpu_ticks"] = procstat.cpu_ticks(server.pid)
         if detailed:
             out["pss_each"] = [procstat.pss_bytes(pid) for pid in server.workers]
             out["pss"] = procstat.sum_known(out["pss_each"])
@@ -596,10 +809,13 @@ class Bench:
     async def run(self) -> int:
         a = self.args
         limits = _raise_nofile()
+        if self.ws:
+            self.load_gateway_config()
         plans = plan_clients(a.connections, limits[0], clients=a.clients,
                              port_range=procstat.ip_local_port_range())
         self._base_report(plans, limits)
-        connect_phase_timeout = a.connect_phase_timeout or max(60.0, a.connections / 2000)
+        connect_phase_timeout = a.connect_phase_timeout or max(
+            60.0, a.connections / (250 if self.ws else 2000))
 
         # 1. server
         t = time.monotonic()
@@ -622,6 +838,9 @@ class Bench:
         # 2. clients
         t = time.monotonic()
         lifetime = connect_phase_timeout + a.hold + 180.0
+        if self.broadcast_on:
+            lifetime += (a.broadcast_start + a.broadcast_count / a.broadcast_rate
+                         + a.broadcast_timeout + 10.0)
         await self.start_clients(plans, server.host, server.port, lifetime)
         self.phases["clients_start"] = time.monotonic() - t
 
@@ -739,6 +958,8 @@ class Bench:
         next_sample = t0
         held: dict[str, Any] | None = None
         server_died = False
+        broadcast = (asyncio.create_task(self.broadcast_phase(t0)) if self.broadcast_on
+                     else None)
         try:
             while True:
                 now = time.monotonic()
@@ -753,7 +974,10 @@ class Bench:
                         rss_timeline.append(rss)
                         if rss is not None and (peak_rss is None or rss > peak_rss):
                             peak_rss = rss
-                if held is None and now >= measure_at:
+                # With a broadcast, the held figures are taken once it is over (its fan-out
+                # and write buffers done), so the hold lasts at least that long.
+                if held is None and now >= measure_at and (
+                        broadcast is None or broadcast.done()):
                     t_measure = time.monotonic()
                     held = await asyncio.to_thread(self.measure_server, detailed=True)
                     self.report["held_measurement_seconds"] = round(
@@ -770,14 +994,24 @@ class Bench:
                            unexpected=_sum(self.clients, "unexpected_closes"),
                            missed=_sum(self.clients, "missed"),
                            pongs=_sum(self.clients, "pongs"))
-                if held is not None and now - t0 >= a.hold:
+                if held is not None and now - t0 >= a.hold and (
+                        broadcast is None or broadcast.done()):
                     break
                 if all(c.finished.is_set() for c in self.clients):
                     self.failures.append("every client process ended during the hold")
                     break
-                await asyncio.sleep(min(0.2, max(0.0, t0 + a.hold - now)) or 0.01)
+                if now - t0 >= a.hold:  # the broadcast is still going: the hold lasts
+                    await asyncio.sleep(0.05)
+                else:
+                    await asyncio.sleep(min(0.2, max(0.0, t0 + a.hold - now)) or 0.01)
         finally:
             bar.close()
+            if broadcast is not None:
+                if not broadcast.done():
+                    broadcast.cancel()
+                    self.failures.append("the broadcast did not finish within the hold")
+                with contextlib.suppress(asyncio.CancelledError):
+                    await broadcast
         self.phases["hold"] = time.monotonic() - t0
         self.report["hold_seconds"] = round(time.monotonic() - t0, 3)
         held = held or {}
@@ -812,6 +1046,186 @@ class Bench:
         if stats:
             r["server_reported_worker_stats_held"] = stats
         return held
+
+    async def broadcast_phase(self, t0: float) -> None:
+        """ws, during the hold: publish ``--broadcast-count`` messages to the channel through
+        the server API at ``--broadcast-rate`` per second, then wait until every subscribed
+        connection got every acknowledged publication (or ``--broadcast-timeout``).
+
+        Each publication's data is ``{"seq": i, "t": <time.time() when sent>}``; the clients
+        count per seq and time each delivery against ``t`` (same clock). Before it: the clients
+        say how many connections are up (those are expected to get everything) and the
+        server's CPU is taken over the second before the first publication (its baseline) and
+        over the broadcast window, first publication to the last delivery seen.
+        """
+        a = self.args
+        server = self.server
+        start_at = t0 + a.broadcast_start
+        baseline_at = start_at - min(1.0, a.broadcast_start)
+        await asyncio.sleep(max(0.0, baseline_at - time.monotonic()))
+        b = self.bcast
+        times: list[float | None] = [None] * a.broadcast_count
+        b["times"] = times
+        for c in self.clients:
+            c.subscribed.clear()
+            c.subscribed_msg = None
+            c.send("subscribed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(c.subscribed.wait() for c in self.clients)), 10.0)
+        missing = [c.plan.index for c in self.clients if c.subscribed_msg is None]
+        if missing:
+            self.failures.append(f"client processes {missing} did not say how many connections "
+                                 "were up before the broadcast")
+        b["subscribed"] = sum(int((c.subscribed_msg or {}).get("open", 0)) for c in self.clients)
+        measurable = server is not None and server.measurable
+        if measurable and server is not None:
+            self.report["server_rss_bytes_before_broadcast"] = server.rss()
+        cpu0 = server.cpu_ns() if measurable and server is not None else None
+        tb0 = time.monotonic()
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        cpu1 = server.cpu_ns() if measurable and server is not None else None
+        split1 = server.cpu_user_system_ticks() if measurable and server is not None else None
+        tb1 = time.monotonic()
+        api_ms = Histogram()
+        errors: dict[str, int] = {}
+        assert server is not None
+        publisher = ApiPublisher(server.host, server.port, self.api_key)
+        try:
+            for i in range(a.broadcast_count):
+                await asyncio.sleep(max(0.0, tb1 + i / a.broadcast_rate - time.monotonic()))
+                t = time.time()
+                body = json.dumps({"channel": a.channel, "data": {"seq": i, "t": t}},
+                                  separators=(",", ":")).encode()
+                sent = time.monotonic_ns()
+                error = await publisher.publish(body)
+                api_ms.record((time.monotonic_ns() - sent) // 1000)
+                if error:
+                    errors[error] = errors.get(error, 0) + 1
+                else:
+                    times[i] = t
+        finally:
+            await publisher.close()
+        b["api_requests"] = publisher.requests
+        b["last_publish_done"] = time.monotonic()
+        acked = sum(1 for t in times if t is not None)
+        expected = b["subscribed"] * acked
+        deadline = time.monotonic() + a.broadcast_timeout
+        while time.monotonic() < deadline and _sum(self.clients, "deliveries") < expected:
+            if all(c.finished.is_set() for c in self.clients):
+                break
+            await asyncio.sleep(0.02)
+        cpu2 = server.cpu_ns() if measurable else None
+        split2 = server.cpu_user_system_ticks() if measurable else None
+        tb2 = time.monotonic()
+        if split1 is not None and split2 is not None:
+            b["cpu_user_s"] = round((split2[0] - split1[0]) / procstat.CLOCK_TICKS, 2)
+            b["cpu_system_s"] = round((split2[1] - split1[1]) / procstat.CLOCK_TICKS, 2)
+        b["waited_for_deliveries_s"] = round(tb2 - b["last_publish_done"], 3)
+        b["all_seen"] = _sum(self.clients, "deliveries") >= expected
+        b["window_s"] = tb2 - tb1
+        b["api_ms"] = api_ms.summary(scale=1000.0)
+        b["api_errors"] = errors
+        if cpu0 is not None and cpu1 is not None and cpu2 is not None:
+            b["cpu_ns"] = cpu2 - cpu1
+            b["baseline_cpu_ns_per_s"] = (cpu1 - cpu0) / (tb1 - tb0) if tb1 > tb0 else 0.0
+
+    def broadcast_report(self, finals: list[dict[str, Any]], complete: bool) -> None:
+        """Merge the clients' per-seq counts into the broadcast figures (see BROADCAST_KEYS)."""
+        b = self.bcast
+        r = self.report
+        if not b.get("times"):
+            return
+        times: list[float | None] = b["times"]
+        k = len(times)
+        received = [0] * k
+        last_ns = [0] * k
+        first_ns = [0] * k
+        latency = Histogram()
+        duplicates = out_of_order = other = 0
+        for f in finals:
+            d = f.get("broadcast") or {}
+            if int(d.get("count", -1)) != k:
+                continue
+            for i in range(k):
+                received[i] += int(d["received"][i])
+                last_ns[i] = max(last_ns[i], int(d["last_ns"][i]))
+                f_ns = int(d["first_ns"][i])
+                if f_ns and (not first_ns[i] or f_ns < first_ns[i]):
+                    first_ns[i] = f_ns
+            latency.merge(Histogram.from_dict(d.get("latency_us") or {}))
+            duplicates += int(d.get("duplicates", 0))
+            out_of_order += int(d.get("out_of_order", 0))
+            other += int(d.get("other_pushes", 0))
+        subscribed = int(b.get("subscribed", 0))
+        acked = [i for i in range(k) if times[i] is not None]
+        deliveries = sum(received)
+        r["broadcast_subscribed"] = subscribed
+        r["broadcast_attempted"] = k
+        r["broadcast_published"] = len(acked)
+        r["broadcast_api_errors"] = b.get("api_errors") or {}
+        r["broadcast_api_ms"] = b.get("api_ms")
+        r["broadcast_api_requests"] = b.get("api_requests")
+        r["broadcast_deliveries"] = deliveries
+        r["broadcast_deliveries_expected"] = subscribed * len(acked)
+        lost_by_seq = [max(0, subscribed - received[i]) if times[i] is not None else None
+                       for i in range(k)]
+        r["deliveries_lost"] = (sum(x for x in lost_by_seq if x is not None)
+                                if complete else None)
+        r["deliveries_lost_by_seq"] = lost_by_seq
+        # More than expected for an acknowledged seq, or anything for an unacknowledged one.
+        r["deliveries_unexpected"] = sum(
+            max(0, received[i] - subscribed) if times[i] is not None else received[i]
+            for i in range(k))
+        r["deliveries_duplicated"] = duplicates
+        r["deliveries_out_of_order"] = out_of_order
+        r["pushes_not_of_the_broadcast"] = other
+        by_seq: list[float | None] = []
+        first_by_seq: list[float | None] = []
+        for i in range(k):
+            t = times[i]
+            by_seq.append(round(last_ns[i] / 1e9 - t, 4) if t is not None and last_ns[i]
+                          else None)
+            first_by_seq.append(round(first_ns[i] / 1e9 - t, 4) if t is not None and first_ns[i]
+                                else None)
+        known = [x for x in by_seq if x is not None]
+        r["broadcast_last_delivery_s"] = max(known) if known else None
+        r["broadcast_last_delivery_s_by_seq"] = by_seq
+        r["broadcast_first_delivery_s_by_seq"] = first_by_seq
+        first_t = min((t for t in times if t is not None), default=None)
+        last_delivery = max(last_ns) / 1e9 if any(last_ns) else None
+        span = (last_delivery - first_t if first_t is not None and last_delivery is not None
+                else None)
+        r["broadcast_seconds"] = _round(span, 3)
+        r["broadcast_deliveries_per_s"] = (round(deliveries / span, 1)
+                                           if span and span > 0 else None)
+        r["broadcast_latency_scope"] = (
+            "publish call started (runner) to the frame parsed by a client process: the "
+            "server's API, relay and fan-out plus the client loop's queue (same clock)")
+        r["broadcast_latency_ms_p50"] = _ms(latency.percentile(50))
+        r["broadcast_latency_ms_p99"] = _ms(latency.percentile(99))
+        r["broadcast_latency_ms"] = latency.summary(scale=1000.0)
+        r["broadcast_latency_histogram_us"] = latency.to_dict()
+        r["broadcast_all_delivered_before_timeout"] = b.get("all_seen")
+        r["broadcast_waited_after_last_publish_s"] = b.get("waited_for_deliveries_s")
+        cpu = b.get("cpu_ns")
+        window = b.get("window_s")
+        r["broadcast_window_s"] = _round(window, 3)
+        r["broadcast_server_cpu_seconds"] = None if cpu is None else round(cpu / 1e9, 4)
+        # User (Python: fan-out, framing, the event loop) and system (send(); on loopback the
+        # kernel also runs the receiving socket's TCP input in the sender's time) in ticks.
+        r["broadcast_server_cpu_user_system_seconds"] = (
+            [b["cpu_user_s"], b["cpu_system_s"]] if "cpu_user_s" in b else None)
+        r["server_cpu_us_per_delivery"] = (round(cpu / 1000 / deliveries, 3)
+                                           if cpu is not None and deliveries else None)
+        rate = b.get("baseline_cpu_ns_per_s")
+        if cpu is not None and rate is not None and window is not None and deliveries:
+            net = max(0.0, cpu - rate * window)
+            r["server_baseline_cpu_percent_before_broadcast"] = round(rate / 1e7, 2)
+            r["server_cpu_us_per_delivery_net_of_baseline"] = round(net / 1000 / deliveries, 3)
+        r["server_cpu_per_delivery_scope"] = (
+            "supervisor + workers, all threads (schedstat), from the first publication until "
+            "the runner saw the last delivery, divided by the deliveries")
 
     async def close_phase(self) -> None:
         t0 = time.monotonic()
@@ -925,6 +1339,7 @@ class Bench:
         r["client_max_rss_bytes_per_process"] = max(
             (int(f.get("max_rss_bytes", 0)) for f in finals), default=None)
         r["heartbeat_rtt_histogram_us_hold"] = rtt_hold.to_dict()
+        self.broadcast_report(finals, complete=not missing)
 
     async def settle_server(self) -> int | None:
         """Wait (at most 15 s) until the server's CPU stops moving; return its CPU ticks then."""
@@ -948,6 +1363,17 @@ class Bench:
         self.report["server_worker_restarts"] = (
             int(reported) if isinstance(reported, int) else server.restarts)
         self.report["server_rss_bytes_after"] = after.get("rss")
+        # Where the server's CPU went, process by process, from ready (before any connection)
+        # until quiet after the close: the supervisor relays every cross-worker message
+        # (publications, calls to a channel's owner).
+        before = self.before
+        self.report["server_cpu_seconds_supervisor"] = _ticks_delta(
+            before.get("supervisor_cpu_ticks"), after.get("supervisor_cpu_ticks"))
+        self.report["server_cpu_seconds_per_worker"] = (
+            [_ticks_delta(b, e) for b, e in zip(before["cpu_ticks_each"],
+                                                 after["cpu_ticks_each"], strict=True)]
+            if before.get("workers") == after.get("workers") and "cpu_ticks_each" in after
+            else None)
         self.report["kernel_tcp_sockstat_after"] = after.get("sockstat")
         if after.get("worker_stats"):
             self.report["server_reported_worker_stats_end"] = after["worker_stats"]
@@ -1005,9 +1431,15 @@ class Bench:
                 f"established {r.get('connections_established')} of {target} connections")
         if n_held != target:
             self.failures.append(f"held {n_held} of {target} connections")
-        for key in ("unexpected_closes", "errors_total", "heartbeat_missed", "hellos_unanswered"):
+        for key in ("unexpected_closes", "errors_total", "heartbeat_missed", "hellos_unanswered",
+                    "deliveries_lost", "deliveries_unexpected", "deliveries_duplicated",
+                    "deliveries_out_of_order", "protocol_errors"):
             if r.get(key):
                 self.failures.append(f"{key} = {r[key]}")
+        if self.broadcast_on and r.get("broadcast_published") != self.args.broadcast_count:
+            self.failures.append(
+                f"published {r.get('broadcast_published')} of {self.args.broadcast_count} "
+                f"messages ({r.get('broadcast_api_errors') or 'no broadcast'})")
         return EXIT_SHORTFALL if self.failures else EXIT_OK
 
     def write_report(self, completed: bool) -> None:
@@ -1067,6 +1499,16 @@ class Bench:
         line("server marginal bytes per connection", r.get("server_marginal_bytes_per_connection"))
         line("kernel slab delta (MiB)", _mib(r.get("kernel_slab_bytes_delta")))
         line("server cpu seconds", r.get("server_cpu_seconds"))
+        if r.get("broadcast_count"):
+            line("broadcast published / deliveries / lost", f"{r.get('broadcast_published')} / "
+                 f"{r.get('broadcast_deliveries')} / {r.get('deliveries_lost')}")
+            line("deliveries per s", r.get("broadcast_deliveries_per_s"))
+            line("delivery latency ms p50 / p99 / max", f"{r.get('broadcast_latency_ms_p50')} / "
+                 f"{r.get('broadcast_latency_ms_p99')} / "
+                 f"{(r.get('broadcast_latency_ms') or {}).get('max')}")
+            line("last subscriber after (s)", r.get("broadcast_last_delivery_s"))
+            line("server cpu us per delivery (net)", f"{r.get('server_cpu_us_per_delivery')} "
+                 f"({r.get('server_cpu_us_per_delivery_net_of_baseline')})")
         for failure in r.get("failures") or []:
             print(f"  ! {failure}", file=out)
         if r.get("logs_dir"):
@@ -1092,6 +1534,12 @@ REQUIRED_KEYS = (
     "server_rss_bytes_before", "server_rss_bytes_held", "server_pss_bytes_held",
     "server_marginal_bytes_per_connection", "kernel_slab_bytes_delta", "heartbeat_rtt_ms_p50",
     "heartbeat_rtt_ms_p99", "heartbeat_missed", "server_cpu_seconds",
+)
+# In every report (null without a broadcast): the broadcast's headline figures.
+BROADCAST_KEYS = (
+    "broadcast_published", "broadcast_deliveries", "broadcast_deliveries_per_s",
+    "broadcast_latency_ms_p50", "broadcast_latency_ms_p99", "broadcast_last_delivery_s",
+    "deliveries_lost", "server_cpu_us_per_delivery",
 )
 
 
@@ -1184,7 +1632,10 @@ async def _main(args: argparse.Namespace, out: TextIO) -> int:
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Run ``tidegate bench`` with parsed ``args``; return the exit status."""
-    if args.established_on == "pong" and not args.hello:
+    if args.broadcast_rate and args.protocol != "ws":
+        print("tidegate bench: --broadcast-rate needs --protocol ws", file=sys.stderr)
+        return EXIT_SETUP
+    if args.established_on == "pong" and not args.hello and args.protocol != "ws":
         print("tidegate bench: --established-on pong needs the hello (drop --no-hello)",
               file=sys.stderr)
         return EXIT_SETUP

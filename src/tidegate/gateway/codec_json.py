@@ -16,7 +16,6 @@ import json
 import re
 from collections.abc import Callable
 from json.encoder import c_encode_basestring, c_make_encoder  # type: ignore[attr-defined]
-from json.scanner import c_make_scanner  # type: ignore[attr-defined]
 from typing import Any
 
 from tidegate.gateway.codes import ProtocolError
@@ -42,7 +41,7 @@ from tidegate.gateway.messages import (
     SubscribeResult,
 )
 
-__all__ = ["JSON_CODEC", "JsonCodec", "NotJSON", "json_value", "match_rpc"]
+__all__ = ["JSON_CODEC", "JsonCodec", "NotJSON", "encode_rpc_reply", "json_value", "match_rpc"]
 
 _MAX_UINT32 = (1 << 32) - 1
 _MAX_UINT64 = (1 << 64) - 1
@@ -65,7 +64,7 @@ _decoder = json.JSONDecoder(parse_constant=_reject_constant)
 _decode = _decoder.decode
 # The C scanner behind ``_decode`` without its Python wrapper (two regex calls for the
 # surrounding whitespace): ``_scan(text, 0) -> (value, end)`` for a value starting at 0.
-_scan = c_make_scanner(_decoder)
+_scan = _decoder.scan_once  # type: ignore[attr-defined]
 _compact_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _compact = _compact_encoder.encode
 # The C encoder behind ``_compact`` for values parsed from JSON (they cannot be cyclic, so no
@@ -236,15 +235,16 @@ def _command(obj: Any) -> Command:
 
 
 # ---- the RPC fast path ---------------------------------------------------------------------
-# A single compact RPC command - ``{"id":N,"rpc":{"method":"m","data":D}}`` (Go SDK, protobuf
-# JSON field order) or ``{"rpc":{"method":"m","data":D},"id":N}`` (centrifuge-js) - is
+# A frame holding one compact RPC command - ``{"id":N,"rpc":{"method":"m","data":D}}`` (Go SDK,
+# protobuf JSON field order) or ``{"rpc":{"method":"m","data":D},"id":N}`` (centrifuge-js) - is
 # recognised by one regular expression instead of json.loads + Command/RPCRequest objects +
-# re-encoding ``data``. Only inputs whose ``data`` bytes are already exactly what the generic
-# path would produce (the compact re-encoding of the parsed value) match, so both paths hand the
+# re-encoding ``data``. It only matches when ``data``'s bytes are already exactly what the
+# generic path produces (the compact re-encoding of the parsed value), so both paths hand the
 # handler the same bytes: ASCII, no whitespace, strings without escapes, integers only (no
 # "-0", at most 18 digits), objects/arrays at most two levels deep, no duplicate keys (checked
-# below). Anything else - floats, escapes, other commands, batches - takes the generic path.
-_F_STR = rb'"[^"\\\x00-\x1f]*+"'
+# in match_rpc). Anything else - floats, escapes, other commands, batches - takes the generic
+# path.
+_F_STR = rb'"[^"\\\x00-\x1f\x80-\xff]*+"'
 _F_SCALAR = _F_STR + rb"|0|-?[1-9][0-9]{0,17}|true|false|null"
 
 
@@ -257,25 +257,23 @@ def _f_container(item: bytes) -> bytes:
 
 _F_INNER = _F_SCALAR + rb"|" + _f_container(_F_SCALAR)
 _F_DATA = rb"(" + _F_SCALAR + rb"|" + _f_container(_F_INNER) + rb")"
-_F_METHOD = rb'(?:"method":"([^"\\\x00-\x1f]*+)",)?'
-_F_ID = rb"([1-9][0-9]{0,9})"
+_F_METHOD = rb'(?:"method":"([^"\\\x00-\x1f\x80-\xff]*+)",)?'
+_F_ID = rb"([1-9][0-9]{0,8})"  # below 10**9, so within uint32 (larger ids: the generic path)
 _RPC_ID_FIRST = re.compile(
     rb'\{"id":' + _F_ID + rb',"rpc":\{' + _F_METHOD + rb'"data":' + _F_DATA + rb"\}\}"
 ).fullmatch
 _RPC_ID_LAST = re.compile(
     rb'\{"rpc":\{' + _F_METHOD + rb'"data":' + _F_DATA + rb'\},"id":' + _F_ID + rb"\}"
 ).fullmatch
-_KEYS = re.compile(rb'"([^"]*)"(:?)').findall
+_STRINGS = re.compile(rb'"([^"]*)"(:?)').findall
 
 
 def match_rpc(payload: bytes) -> tuple[bytes, str, bytes] | None:
     """``(id digits, method, data)`` of a frame holding exactly one compact ``rpc`` command
     whose ``data`` needs no re-encoding; None when the generic path must decode the frame.
 
-    Equivalent to ``decode_commands`` for what it accepts: a ``data`` of ``null`` is ``b""``.
+    Agrees with ``decode_commands`` on what it accepts (a ``data`` of ``null`` is ``b""``).
     """
-    if not payload.isascii():
-        return None
     m = _RPC_ID_FIRST(payload)
     if m is not None:
         cmd_id, method, data = m.groups()
@@ -284,17 +282,23 @@ def match_rpc(payload: bytes) -> tuple[bytes, str, bytes] | None:
         if m is None:
             return None
         method, data, cmd_id = m.groups()
-    if len(cmd_id) == 10 and int(cmd_id) > _MAX_UINT32:
-        return None
     if data.count(b'":') > 1:
-        # Strings hold no quote, so each match is one whole string; a colon after it makes it
-        # a key. Equal keys anywhere (even in different objects) -> the generic path.
-        keys = [k for k, colon in _KEYS(data) if colon]
+        # Strings hold no quote, so each match is one whole string, and one followed by a
+        # colon is a key. Equal keys anywhere (even in different objects): the generic path.
+        keys = [s for s, colon in _STRINGS(data) if colon]
         if len(set(keys)) != len(keys):
             return None
-    if data == b"null":
+    elif data == b"null":
         data = b""
     return cmd_id, (method.decode("ascii") if method else ""), data
+
+
+def encode_rpc_reply(id_digits: bytes, data: bytes) -> bytes:
+    """``encode_rpc`` for ``data`` already known to be newline-free JSON (no second parse) and
+    the command id as its decimal digits."""
+    if not data:
+        return b'{"id":%s,"rpc":{}}' % id_digits
+    return b'{"id":%s,"rpc":{"data":%s}}' % (id_digits, data)
 
 
 # ---- encoding helpers --------------------------------------------------------------------
@@ -391,9 +395,14 @@ class JsonCodec:
                 commands.append(PONG_COMMAND)
                 continue
             try:
-                obj = _decode(line)
-            except ValueError as exc:
-                raise _bad(f"malformed JSON: {exc}") from None
+                obj, stop = _scan(line, 0)  # stripped: no JSON whitespace around the value
+                if stop != len(line):
+                    raise ValueError("extra data")
+            except (StopIteration, ValueError):
+                try:
+                    obj = _decode(line)  # fails too, with the decoder's message
+                except ValueError as exc:
+                    raise _bad(f"malformed JSON: {exc}") from None
             commands.append(_command(obj))
         if not commands:
             raise _bad("empty frame")

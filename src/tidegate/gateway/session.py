@@ -6,6 +6,8 @@ Wiring (the transport side is the engine's)::
     s = ClientSession(transport, node, "json")       # on WebSocket open ("protobuf" for the
                                                      # "centrifuge-protobuf" subprotocol)
     s.handle_commands(message_bytes)                 # each complete WebSocket message
+    reply = s.handle_message(message_bytes)          # the same, for a transport that frames the
+                                                     # RPC fast path's reply itself (or None)
     ping = s.make_ping()                             # when the engine's wheel says "ping it"
     s.on_transport_closed()                          # when the connection is gone, whatever why
 
@@ -13,6 +15,11 @@ The session writes replies and pushes with ``transport.write(bytes)`` (one call 
 several replies of one frame) and ends the connection with ``transport.close(code, reason)``
 (the WebSocket close code: 3000..4999, see codes.py). JSON sessions must be sent as text frames,
 protobuf ones as binary frames (``session.codec.binary``).
+
+Hot path: a JSON frame holding one compact ``rpc`` command (``codec_json.match_rpc``) with a
+synchronous handler runs as a plain function - no Command/request objects, no coroutine, no
+second parse of ``data``, the reply built from byte templates - with the same outcome as the
+generic command loop (which everything else takes).
 
 Memory: ``__slots__``; an idle connected session holds its ids, its subscriptions dict and
 nothing else - no task, no timer, no buffer. A task exists only while a command awaits a broker
@@ -40,7 +47,13 @@ from tidegate.gateway.auth import (
     verify_connect_token,
     verify_subscription_token,
 )
-from tidegate.gateway.codec_json import JSON_CODEC, NotJSON, json_value
+from tidegate.gateway.codec_json import (
+    JSON_CODEC,
+    NotJSON,
+    encode_rpc_reply,
+    json_value,
+    match_rpc,
+)
 from tidegate.gateway.codec_protobuf import PROTOBUF_CODEC
 from tidegate.gateway.codes import (
     DISCONNECT_BAD_REQUEST,
@@ -104,6 +117,7 @@ _CLOSED = 2
 _STALE_MARK = 4  # one ping tick passed without a connect
 _EXPIRING_SUBS = 8  # some subscription has an expiry: check_deadlines looks at them
 _CONNECTING = 16  # connected, but the connect reply is not written yet
+_LIVE_MASK = _CONNECTED | _CLOSED | _CONNECTING  # & _LIVE_MASK == _CONNECTED: fully connected
 
 # per-subscription flags
 SUB_JOIN_LEAVE = 1  # this client receives join/leave pushes
@@ -273,30 +287,50 @@ class ClientSession:
     # ---- engine entry points ----------------------------------------------------------
     def handle_commands(self, data: bytes) -> None:
         """Process one complete message from the client (one or more commands)."""
+        reply = self.handle_message(data)
+        if reply:
+            self.transport.write(reply)
+
+    def handle_message(self, data: bytes) -> bytes | None:
+        """:meth:`handle_commands` for a transport that frames replies itself: the reply of a
+        message handled on the RPC fast path (a JSON client's) is returned, for the caller to
+        write as one message, instead of written; everything else is written as usual."""
         flags = self._flags
-        if flags & (_CONNECTED | _CLOSED) == _CONNECTED and data == self.codec.pong:
-            if self._busy is None:
-                return  # a pong: liveness is the engine's (any inbound message counts)
+        if flags & _LIVE_MASK == _CONNECTED and self._busy is None:
+            codec = self.codec
+            if data == codec.pong:
+                return None  # a pong: liveness is the engine's (any inbound message counts)
+            if codec is JSON_CODEC:
+                node = self._node
+                handler = node.rpc_handler
+                if handler is not None and node.rpc_inline:
+                    m = match_rpc(data)
+                    if m is not None and (
+                        not self._exp
+                        or node.clock() < self._exp + node.config.expired_close_delay_s
+                    ):  # (once expired, the generic path disconnects)
+                        return self._fast_rpc(handler, m)
         if flags & _CLOSED:
-            return
+            return None
         busy = self._busy
         if busy is not None:
             busy.pending.append(data)  # the running task processes it, in order
-            return
+            return None
         if self._exp and flags & _CONNECTED and self._conn_expired(self._node.clock()):
-            return
+            return None
         try:
             cmds = self.codec.decode_commands(data)
         except ProtocolError:
             self.disconnect(DISCONNECT_BAD_REQUEST)
-            return
+            return None
         if len(cmds) == 1 and cmds[0].method is None and cmds[0].id == 0:
             if not flags & _CONNECTED:  # the first command must be connect
                 self.disconnect(DISCONNECT_BAD_REQUEST)
-                return
+                return None
             self.on_pong()
-            return
+            return None
         self._run(cmds, 0)
+        return None
 
     def make_ping(self) -> bytes:
         """The server ping to write (``{}`` / ``\\x00``). Also checks deadlines (stale,
@@ -417,6 +451,69 @@ class ClientSession:
         await self._announce(channel)
         return True
 
+    # ---- the RPC fast path (entered from handle_message) -------------------------------------
+    def _fast_rpc(self, handler: Any, m: tuple[bytes, str, bytes]) -> bytes:
+        """Run a JSON message holding one compact ``rpc`` command (``match_rpc``) with an
+        inline handler, without the generic machinery: no Command/request objects, no
+        coroutine, no second parse of ``data``. The reply to write, or ``b""`` when there is
+        none to write (an error reply already written, closed, handed to a task).
+
+        Same outcome as the generic path: ``match_rpc`` only accepts messages whose ``data``
+        bytes are what ``decode_commands`` produces, and the caller only calls this for a
+        connected session (connect reply written, no task running, connection not expired).
+        """
+        id_digits, method, req_data = m
+        try:
+            res = handler(self, method, req_data)
+            if res is not req_data:  # an echo is trusted (our own bytes); anything else checked
+                if type(res) is not bytes and isawaitable(res):
+                    self._start_task(self._rpc_later(int(id_digits), req_data, res), [], 0)
+                    return b""
+                if self._flags & _CLOSED:
+                    return b""
+                res = self._rpc_data(res, req_data)
+            elif self._flags & _CLOSED:
+                return b""
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._command_failed(int(id_digits), _RPC, exc)
+            return b""
+        if not res:
+            return b'{"id":%s,"rpc":{}}' % id_digits
+        return b'{"id":%s,"rpc":{"data":%s}}' % (id_digits, res)
+
+    async def _rpc_later(self, cmd_id: int, req_data: bytes, aw: Awaitable[Any]) -> None:
+        """The rest of a fast-path RPC whose (non-coroutine) handler returned an awaitable."""
+        try:
+            res = await aw
+            if self._flags & _CLOSED:
+                return
+            self._reply(self._encode_rpc(cmd_id, self._rpc_data(res, req_data)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._command_failed(cmd_id, _RPC, exc)
+
+    def _rpc_data(self, res: Any, req_data: bytes) -> bytes:
+        """A handler's result as reply data; a JSON client gets JSON or an internal error."""
+        data: bytes = res or b""
+        if (
+            data
+            and data is not req_data
+            and self.codec is JSON_CODEC
+            and json_value(data) is not data
+        ):
+            log.error("rpc handler returned non-JSON data for a JSON client")
+            raise error(ERROR_INTERNAL)
+        return data
+
+    def _encode_rpc(self, cmd_id: int, data: bytes) -> bytes:
+        if self.codec is JSON_CODEC:  # _rpc_data checked it: no second parse
+            return encode_rpc_reply(b"%d" % cmd_id, data)
+        reply: bytes = self.codec.encode_rpc(cmd_id, data)
+        return reply
+
     # ---- command loop -------------------------------------------------------------------
     def _run(self, cmds: list[Command], i: int) -> None:
         """Process ``cmds[i:]`` synchronously; hand over to a task at the first real await."""
@@ -489,20 +586,26 @@ class ClientSession:
     async def _execute(self, cmd: Command) -> None:
         try:
             await self._dispatch(cmd)
-        except ReplyError as exc:
-            if cmd.id and not self._flags & _CLOSED:
-                self._reply(self.codec.encode_error(cmd.id, exc.code, exc.message, exc.temporary))
-        except DisconnectError as exc:
-            self.disconnect(exc.disconnect)
-        except NotJSON:
-            self.disconnect(DISCONNECT_INAPPROPRIATE_PROTOCOL)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("error handling %s command", cmd.method)
-            if cmd.id and not self._flags & _CLOSED:
+        except Exception as exc:
+            self._command_failed(cmd.id, cmd.method, exc)
+
+    def _command_failed(self, cmd_id: int, method: Method | None, exc: Exception) -> None:
+        """A command raised: an error reply, a disconnect, or (a bug) an internal error.
+        Called from the ``except`` block, so ``log.exception`` sees the traceback."""
+        if isinstance(exc, ReplyError):
+            if cmd_id and not self._flags & _CLOSED:
+                self._reply(self.codec.encode_error(cmd_id, exc.code, exc.message, exc.temporary))
+        elif isinstance(exc, DisconnectError):
+            self.disconnect(exc.disconnect)
+        elif isinstance(exc, NotJSON):
+            self.disconnect(DISCONNECT_INAPPROPRIATE_PROTOCOL)
+        else:
+            log.exception("error handling %s command", method)
+            if cmd_id and not self._flags & _CLOSED:
                 err = error(ERROR_INTERNAL)
-                self._reply(self.codec.encode_error(cmd.id, err.code, err.message, err.temporary))
+                self._reply(self.codec.encode_error(cmd_id, err.code, err.message, err.temporary))
 
     def _dispatch(self, cmd: Command) -> Coroutine[Any, Any, None]:
         method = cmd.method
@@ -932,15 +1035,11 @@ class ClientSession:
         if handler is None:
             raise error(ERROR_NOT_AVAILABLE)
         res = handler(self, req.method, req.data)
-        if isawaitable(res):
+        if res is not req.data and isawaitable(res):
             res = await res
         if self._flags & _CLOSED:
             return
-        data = res or b""
-        if self.codec is JSON_CODEC and data and json_value(data) is not data:
-            log.error("rpc handler returned non-JSON data for a JSON client")
-            raise error(ERROR_INTERNAL)
-        self._reply(self.codec.encode_rpc(cmd_id, data))
+        self._reply(self._encode_rpc(cmd_id, self._rpc_data(res, req.data)))
 
     async def _send(self, cmd_id: int, req: SendRequest) -> None:
         handler = self._node.send_handler

@@ -274,6 +274,25 @@ def unmask(mask: Buffer, data: Buffer) -> bytes:
     return (int.from_bytes(data, "little") ^ m).to_bytes(n, "little")
 
 
+# For unmask_at: the 4-byte mask repeated over n bytes is ``mask_int * _REPEAT[n] & _LOW[n]``
+# (a base-2**32 repunit spreads it without carries), so small frames skip building the
+# repeated mask as bytes. Tables up to the 2-byte-header limit of a short frame.
+_REPEAT = UNMASK_REPEAT = tuple(
+    ((1 << (32 * ((n + 3) >> 2))) - 1) // 0xFFFFFFFF for n in range(126)
+)
+_LOW = UNMASK_LOW = tuple((1 << (8 * n)) - 1 for n in range(126))
+
+
+def unmask_at(buf: Buffer, start: int, stop: int) -> bytes:
+    """The unmasked payload ``buf[start:stop]`` of a masked frame whose 4-byte mask key sits
+    just before it, at ``buf[start-4:start]`` (same result as :func:`unmask`)."""
+    n = stop - start
+    if n >= 126:
+        return unmask(bytes(buf[start - 4 : start]), buf[start:stop])
+    m = int.from_bytes(buf[start - 4 : start], "little") * _REPEAT[n] & _LOW[n]
+    return (int.from_bytes(buf[start:stop], "little") ^ m).to_bytes(n, "little")
+
+
 class WebSocketFrameCodec:
     """Stateless frame decoder/encoder shared by every connection of a worker.
 
@@ -344,7 +363,7 @@ class WebSocketFrameCodec:
             stop = start + 4 + n
             if stop > end:
                 return None, pos
-            payload = unmask(buf[start : start + 4], buf[start + 4 : stop]) if n else b""
+            payload = unmask_at(buf, start + 4, stop)
         else:
             stop = start + n
             if stop > end:
@@ -366,6 +385,7 @@ _H16 = struct.Struct("!BBH")
 _H64 = struct.Struct("!BBQ")
 # Prebuilt 2-byte headers for the common short FIN frames: a table lookup and one concatenation.
 _SMALL_TEXT = tuple(bytes((0x80 | OP_TEXT, n)) for n in range(126))
+TEXT_HEADERS = _SMALL_TEXT  # TEXT_HEADERS[n]: the header of a FIN text frame of n < 126 bytes
 _SMALL_BINARY = tuple(bytes((0x80 | OP_BINARY, n)) for n in range(126))
 
 

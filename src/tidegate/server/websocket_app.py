@@ -5,6 +5,11 @@ upgrades it: ``context`` becomes the client session and every later byte is WebS
 Other paths are plain HTTP (the API, ``/health``). Nothing is allocated per idle connection
 beyond the session and its transport adapter; a fragmented message in flight is the only
 extra state, kept in a dict on the handler for as long as it lasts.
+
+Hot path (``on_traffic`` of a ready connection): whole masked text/binary frames are unmasked
+straight out of the engine's read buffer (no Frame/event objects) and handed to
+``ClientSession.handle_message``; a reply it returns is framed with a prebuilt header and
+written. Everything else goes through the generic frame/message layers.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import asyncio
 from typing import Any
 
 from tidegate import log
-from tidegate.engine.conn import Conn
+from tidegate.engine.conn import CLOSING, READY, Conn
 from tidegate.engine.handler import EventHandler
 from tidegate.gateway.codes import DISCONNECT_SHUTDOWN
 from tidegate.gateway.config import GatewayConfig
@@ -32,6 +37,9 @@ PROTOBUF_SUBPROTOCOL = "centrifuge-protobuf"
 MAX_API_BODY_BYTES = 1 << 20
 
 _JSON_PING = ws.encode_text(b"{}")
+_TEXT_HEADERS = ws.TEXT_HEADERS
+_REPEAT = ws.UNMASK_REPEAT
+_LOW = ws.UNMASK_LOW
 
 
 class _ApiBusy:
@@ -50,6 +58,7 @@ class WebSocketApp(EventHandler):
         self.api = api
         self.codec = ws.WebSocketFrameCodec(max_message_bytes)
         self.max_message_bytes = max_message_bytes
+        self._max_short = min(125, max_message_bytes)  # the largest 7-bit length accepted
         self._fragments: dict[Conn, ws.Fragments] = {}
         # Only with tracing on: the open ws.connect span (and its client.connect child) of
         # each connection between upgrade and connect reply.
@@ -79,6 +88,58 @@ class WebSocketApp(EventHandler):
     # ---- engine callbacks ----------------------------------------------------------------
     def on_traffic(self, c: Conn) -> None:
         ctx = c.context
+        if type(ctx) is not ClientSession or not c._flags & READY or c in self._fragments:
+            self._traffic(c, ctx)
+            return
+        # The hot path of a ready connection: whole masked text/binary frames (FIN, no RSV,
+        # 7- or 16-bit length) go straight from the read buffer to the session - no Frame or
+        # event object, one unmask, the same checks - and a reply the session hands back is
+        # framed here. Anything else (control frames, fragments, an unmasked or oversized
+        # frame) is left, from that frame on, to _frames.
+        w = c._w
+        buf = w.read_buf
+        pos = w.in_pos
+        end = w.in_end
+        max7 = self._max_short
+        while end - pos > 5:
+            b0 = buf[pos]
+            if b0 != 0x81 and b0 != 0x82:  # FIN text / binary, RSV clear
+                break
+            n = buf[pos + 1] ^ 0x80  # masked: the top bit is set
+            if n <= max7:
+                stop = pos + 6 + n
+                if stop > end:
+                    break
+                # mask key and payload as one little-endian int: payload above, key below
+                v = int.from_bytes(buf[pos + 2 : stop], "little")
+                v = (v >> 32) ^ (v & 0xFFFFFFFF) * _REPEAT[n] & _LOW[n]
+                payload = v.to_bytes(n, "little")
+            elif n == 126 and end - pos > 7:
+                n = (buf[pos + 2] << 8) | buf[pos + 3]
+                stop = pos + 8 + n
+                if stop > end or n > self.max_message_bytes:
+                    break
+                payload = ws.unmask_at(buf, pos + 8, stop)
+            else:
+                break  # unmasked, 64-bit length, too big, incomplete: the generic path decides
+            if b0 == 0x81 and not payload.isascii():
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    self._fail(c, ws.CLOSE_INVALID_PAYLOAD, "invalid_utf8")
+                    return
+            w.in_pos = pos = stop
+            self.messages_in += 1
+            reply = ctx.handle_message(payload)
+            if reply:  # a JSON reply: one text frame
+                n = len(reply)
+                c.write(_TEXT_HEADERS[n] + reply if n < 126 else ws.encode_text(reply))
+            if c._flags & CLOSING:
+                return
+        if pos < end:
+            self._frames(c, ctx)
+
+    def _traffic(self, c: Conn, ctx: Any) -> None:
         if ctx is None:
             if not self._http(c):
                 return
