@@ -278,3 +278,31 @@ def test_per_ip_limit_and_accept_rate_refuse_cleanly(serve):
     served = sum(echo_ok(s) for s in burst)
     assert 1 <= served < 30
     limited.wait_stats(lambda st: st["worker_stats"][0].get("refusals", {}).get("rate_limit", 0) >= 1)
+
+
+def test_a_stalled_worker_does_not_time_out_clients_that_answered(serve):
+    """After a stall (here: SIGSTOP), the wheel catches up one tick per loop iteration, so
+    pongs waiting unread in the sockets count before any ping deadline is judged."""
+    srv = serve("--workers", "1", *FAST)
+    pid = srv.status()["workers"][0]
+    conns = [connect(srv.port) for _ in range(20)]
+    for s in conns:
+        assert echo_ok(s)
+
+    def answer_pings(duration: float) -> None:
+        deadline = time.monotonic() + duration
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select(conns, [], [], 0.05)
+            for s in readable:
+                payload = recv_frame(s)
+                if payload[0] == PING:
+                    s.sendall(frame(PONG, payload[1:]))
+
+    answer_pings(1.5)  # the server has pinged: every client is silent-but-answering
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(4)  # several ping intervals and pong timeouts pass while it is frozen
+    os.kill(pid, signal.SIGCONT)
+    answer_pings(3)
+    srv.wait_stats(lambda st: st["worker_stats"][0]["active"] == 20)
+    assert "ping_timeout" not in srv.closes()
+    assert all(echo_ok(s) for s in conns)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from tidegate import log
 from tidegate.engine import control
-from tidegate.gateway.broker import Broker, BrokerEventHandler, MemoryBroker
+from tidegate.gateway.broker import Broker, BrokerError, BrokerEventHandler, MemoryBroker
 from tidegate.gateway.history import RecoveryResult
 from tidegate.gateway.messages import ClientInfo, HistoryResult, Publication
 from tidegate.observe.histogram import Histogram
@@ -36,7 +36,7 @@ _log = log.get("ipc_broker")
 REQUEST_TIMEOUT_S = 5.0
 
 
-class BrokerUnavailable(Exception):
+class BrokerUnavailable(BrokerError):
     """The channel's owner did not answer in time (it may be restarting)."""
 
 

@@ -122,6 +122,7 @@ class Worker:
         self._servers: list[asyncio.AbstractServer] = []
         self.ssl_context = tls.server_context(opts)
         self._t0 = 0.0
+        self._real_tick = 0
         self._last_stats = 0.0
 
     # ---- connection lifecycle (called by Conn) --------------------------------------
@@ -228,31 +229,42 @@ class Worker:
 
     # ---- liveness: the timing wheel's check ------------------------------------------
     def _check(self, c: Conn, now: int) -> int | None:
-        """Decide a due connection's fate; return its next due tick or None (closed)."""
+        """Decide a due connection's fate; return its next due tick or None (closed).
+
+        ``now`` is the slot's tick. When it is behind the real tick the worker stalled, and
+        input that arrived meanwhile is still unread in the socket: nobody is timed out on a
+        late slot, they are looked at again next tick, after the loop has read its input.
+        New deadlines count from the real tick.
+        """
         flags = c._flags
+        real = self._real_tick
         if flags & CLOSING:  # a lingering close ran out of patience
             c._transport.abort()
             return None
         if not flags & READY:
+            if now < real:
+                return real + 1
             c.abort("handshake_timeout")
             return None
         if flags & PING_OUT:  # nothing arrived since our ping (input clears the flag)
+            if now < real:
+                return real + 1
             c.abort("ping_timeout")
             return None
         # Two ticks of slack: _last_rx is rounded down to a tick, and a client that pings every
         # ping_interval_s on its own must not be pinged back.
         due = c._last_rx + self._ping_ticks + 2
-        if due > now:
+        if due > real:
             return due
         # Silent for a whole interval: ping it. Clients that ping us are never pinged back.
         frame = c._h.ping_frame(c)
         if frame is None:
-            return now + self._ping_ticks
+            return real + self._ping_ticks
         c._flags |= PING_OUT
         c._ping_ms = int((self.loop.time() - self._t0) * 1000)
         c.write(frame)
         self.pings_sent += 1
-        return now + self._pong_ticks
+        return real + self._pong_ticks
 
     def connections(self) -> list[Conn]:
         """Every open connection (each sits in exactly one wheel slot)."""
@@ -264,7 +276,10 @@ class Worker:
     # ---- ticking, stats -------------------------------------------------------------
     def _tick(self) -> None:
         now = self.loop.time()
-        self.wheel.advance(int((now - self._t0) / self.opts.tick_s))
+        # After a stall the wheel catches up on every missed tick at once; _check judges
+        # those late slots against the real tick (see there).
+        self._real_tick = int((now - self._t0) / self.opts.tick_s)
+        self.wheel.advance(self._real_tick)
         for h in self.handlers:
             try:
                 h.on_tick(self)

@@ -21,7 +21,11 @@ from tidegate.gateway.history import HistoryStore, RecoveryResult
 from tidegate.gateway.messages import ClientInfo, HistoryResult, Publication
 from tidegate.gateway.presence import PresenceStore
 
-__all__ = ["Broker", "BrokerEventHandler", "MemoryBroker"]
+__all__ = ["Broker", "BrokerError", "BrokerEventHandler", "MemoryBroker"]
+
+
+class BrokerError(Exception):
+    """The broker could not do what was asked (unreachable, timed out)."""
 
 
 class BrokerEventHandler(Protocol):

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 from tidegate import __version__
-from tidegate.gateway.broker import Broker, MemoryBroker
+from tidegate.gateway.broker import Broker, BrokerError, MemoryBroker
 from tidegate.gateway.config import GatewayConfig
 from tidegate.gateway.hub import Hub
 
@@ -76,7 +76,16 @@ _detached: set[asyncio.Task[Any]] = set()
 def _log_task(task: asyncio.Task[Any]) -> None:
     _detached.discard(task)
     if not task.cancelled() and task.exception() is not None:
-        log.error("gateway background work failed", exc_info=task.exception())
+        _log_failure(task.exception())
+
+
+def _log_failure(exc: BaseException | None) -> None:
+    # A broker that cannot be reached fails every session's clean-up at once (a mass
+    # disconnect): one line each, not a traceback each.
+    if isinstance(exc, BrokerError):
+        log.warning("gateway background work failed: %s", exc)
+    else:
+        log.error("gateway background work failed", exc_info=exc)
 
 
 async def _await(aw: Awaitable[Any]) -> Any:
@@ -91,8 +100,8 @@ def drive(coro: Coroutine[Any, Any, Any], inline: bool) -> None:
             first = coro.send(None)
         except StopIteration:
             return
-        except Exception:
-            log.exception("gateway background work failed")
+        except Exception as exc:
+            _log_failure(exc)
             return
         aw: Awaitable[Any] = Resume(coro, first)
         task = asyncio.get_running_loop().create_task(_await(aw))

@@ -309,7 +309,16 @@ class ClientSession:
                         not self._exp
                         or node.clock() < self._exp + node.config.expired_close_delay_s
                     ):  # (once expired, the generic path disconnects)
-                        return self._fast_rpc(handler, m)
+                        # The RPC fast path: see _rpc_result.
+                        id_digits, method, req_data = m
+                        try:
+                            res = handler(self, method, req_data)
+                        except Exception as exc:
+                            self._command_failed(int(id_digits), _RPC, exc)
+                            return b""
+                        if res is req_data and res and not self._flags & _CLOSED:
+                            return b'{"id":%s,"rpc":{"data":%s}}' % (id_digits, res)  # an echo
+                        return self._rpc_result(id_digits, req_data, res)
         if flags & _CLOSED:
             return None
         busy = self._busy
@@ -451,37 +460,30 @@ class ClientSession:
         await self._announce(channel)
         return True
 
-    # ---- the RPC fast path (entered from handle_message) -------------------------------------
-    def _fast_rpc(self, handler: Any, m: tuple[bytes, str, bytes]) -> bytes:
-        """Run a JSON message holding one compact ``rpc`` command (``match_rpc``) with an
-        inline handler, without the generic machinery: no Command/request objects, no
-        coroutine, no second parse of ``data``. The reply to write, or ``b""`` when there is
-        none to write (an error reply already written, closed, handed to a task).
+    # ---- the RPC fast path (entered from handle_message) ----------------------------------
+    def _rpc_result(self, id_digits: bytes, req_data: bytes, res: Any) -> bytes:
+        """The reply to write for a JSON message holding one compact ``rpc`` command
+        (``match_rpc``) whose inline handler returned ``res`` - or ``b""`` when there is none
+        to write (an error reply already written, closed, handed to a task).
 
-        Same outcome as the generic path: ``match_rpc`` only accepts messages whose ``data``
-        bytes are what ``decode_commands`` produces, and the caller only calls this for a
-        connected session (connect reply written, no task running, connection not expired).
+        :meth:`handle_message` runs such a message without the generic machinery: no
+        Command/request objects, no coroutine, no second parse of ``data`` (an echo of it
+        needs no check at all: those are our own bytes). Same outcome as the generic path:
+        ``match_rpc`` only accepts messages whose ``data`` bytes are what ``decode_commands``
+        produces, and only for a connected session (connect reply written, no task running,
+        connection not expired).
         """
-        id_digits, method, req_data = m
         try:
-            res = handler(self, method, req_data)
-            if res is not req_data:  # an echo is trusted (our own bytes); anything else checked
-                if type(res) is not bytes and isawaitable(res):
-                    self._start_task(self._rpc_later(int(id_digits), req_data, res), [], 0)
-                    return b""
-                if self._flags & _CLOSED:
-                    return b""
-                res = self._rpc_data(res, req_data)
-            elif self._flags & _CLOSED:
+            if res is not req_data and type(res) is not bytes and isawaitable(res):
+                self._start_task(self._rpc_later(int(id_digits), req_data, res), [], 0)
                 return b""
-        except asyncio.CancelledError:
-            raise
+            if self._flags & _CLOSED:
+                return b""
+            data = self._rpc_data(res, req_data)
         except Exception as exc:
             self._command_failed(int(id_digits), _RPC, exc)
             return b""
-        if not res:
-            return b'{"id":%s,"rpc":{}}' % id_digits
-        return b'{"id":%s,"rpc":{"data":%s}}' % (id_digits, res)
+        return encode_rpc_reply(id_digits, data)
 
     async def _rpc_later(self, cmd_id: int, req_data: bytes, aw: Awaitable[Any]) -> None:
         """The rest of a fast-path RPC whose (non-coroutine) handler returned an awaitable."""
