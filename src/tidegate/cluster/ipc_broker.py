@@ -91,8 +91,9 @@ class IpcBroker(Broker):
 
     def _deliver_everywhere(self, kind: str, channel: str, obj: Any) -> None:
         tp = PUBLISH_TRACEPARENT.get()
-        self._deliver_here(kind, channel, obj, tp)
+        # Relay first: the other workers fan out while this one does, not after it.
         self._relay((kind, channel, obj, tp))
+        self._deliver_here(kind, channel, obj, tp)
 
     def _deliver_here(self, kind: str, channel: str, obj: Any, tp: str | None = None) -> None:
         h = self._handler
