@@ -155,7 +155,8 @@ class Worker:
         if opts.accept_rate_per_s > 0:
             now = self.loop.time()
             rate = opts.accept_rate_per_s / self.workers_total
-            self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+            # A burst of at least one, or a slow node rate split over many workers admits none.
+            self._tokens = min(max(rate, 1.0), self._tokens + (now - self._tokens_at) * rate)
             self._tokens_at = now
             if self._tokens < 1:
                 return "rate_limit"
