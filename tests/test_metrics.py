@@ -52,6 +52,9 @@ def test_engine_metrics_across_workers(serve):
 
 def test_gateway_metrics_count_protocol_errors_and_api_calls(gateway):
     srv = gateway("--workers", "1")
+    s0 = _ws_raw(srv.port)  # a connect with a forged token: a client-side connect failure
+    s0.sendall(_masked(1, b'{"id":1,"connect":{"token":"forged"}}'))
+    assert _close_code(s0) == 3500
     api(srv, "publish", b"{bad json")
     api(srv, "info", b"{}", key="wrong")
     s = _ws_raw(srv.port)
@@ -63,3 +66,5 @@ def test_gateway_metrics_count_protocol_errors_and_api_calls(gateway):
     assert value(m["tidegate_api_requests"], kind="unauthorized") == 1
     assert value(m["tidegate_ws_rejected"], kind="invalid_utf8") == 1
     assert value(m["tidegate_closes"], reason="protocol_error") == 1
+    assert value(m["tidegate_connect_attempts"]) == 1
+    assert value(m["tidegate_connect_failures"], reason="token_invalid") == 1

@@ -125,6 +125,8 @@ class Node:
         "name",
         "_id_prefix",
         "_ids",
+        "connect_attempts",
+        "connect_failures",
     )
 
     def __init__(
@@ -150,6 +152,27 @@ class Node:
         self.name = name
         self._id_prefix = secrets.token_hex(4) + "-"
         self._ids = itertools.count(1)
+        # For the connect-availability SLO: client-side failures (tokens) are told apart from
+        # server-side ones ("internal", "unavailable"), which spend the error budget.
+        self.connect_attempts = 0
+        self.connect_failures: dict[str, int] = {}
+
+    def connect_failed(self, exc: BaseException) -> None:
+        code = getattr(exc, "code", None)
+        disconnect = getattr(exc, "disconnect", None)
+        if code == 109:
+            reason = "token_expired"
+        elif code == 101:
+            reason = "unauthorized"
+        elif disconnect is not None and disconnect.code == 3500:
+            reason = "token_invalid"
+        elif disconnect is not None or code is not None:
+            reason = "client_error"
+        elif isinstance(exc, BrokerError):
+            reason = "unavailable"
+        else:
+            reason = "internal"
+        self.connect_failures[reason] = self.connect_failures.get(reason, 0) + 1
 
     @property
     def inline(self) -> bool:

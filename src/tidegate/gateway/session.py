@@ -596,6 +596,8 @@ class ClientSession:
     def _command_failed(self, cmd_id: int, method: Method | None, exc: Exception) -> None:
         """A command raised: an error reply, a disconnect, or (a bug) an internal error.
         Called from the ``except`` block, so ``log.exception`` sees the traceback."""
+        if method == Method.CONNECT:
+            self._node.connect_failed(exc)
         if isinstance(exc, ReplyError):
             if cmd_id and not self._flags & _CLOSED:
                 self._reply(self.codec.encode_error(cmd_id, exc.code, exc.message, exc.temporary))
@@ -862,6 +864,7 @@ class ClientSession:
     # ---- commands -----------------------------------------------------------------------
     async def _connect(self, cmd_id: int, req: ConnectRequest) -> None:
         node = self._node
+        node.connect_attempts += 1
         cfg = node.config
         now = node.clock()
         user, exp, info = "", 0, None

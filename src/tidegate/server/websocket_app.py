@@ -77,6 +77,8 @@ class WebSocketApp(EventHandler):
             "ws_sessions": self.live_sessions,
             "ws_upgrades_total": self.upgrades,
             "messages_in_total": self.messages_in,
+            "connect_attempts_total": self.node.connect_attempts,
+            "connect_failures_total:reason": dict(self.node.connect_failures),
             "delivery_latency_seconds": hub.delivery_latency.snapshot(),
             "ws_rejected_total": dict(self.rejected),
             "api_requests_total": dict(self.api.requests),
