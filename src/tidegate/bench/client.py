@@ -191,6 +191,18 @@ class Stats:
     def error(self, reason: str) -> None:
         self.errors[reason] = self.errors.get(reason, 0) + 1
 
+    def pong(self, sent_ns: int) -> None:
+        """The answer to our ping sent at ``sent_ns``: one RTT sample, in its phase."""
+        rtt_us = (time.monotonic_ns() - sent_ns) // 1000
+        if sent_ns >= self.hold_since_ns:
+            self.rtt_hold_us.record(rtt_us)
+            if rtt_us > self.window_rtt_max_us:
+                self.window_rtt_max_us = rtt_us
+        else:
+            self.rtt_connect_phase_us.record(rtt_us)
+        self.pongs += 1
+        self.outstanding -= 1
+
     def unexpected_close(self, reason: str) -> None:
         self.unexpected_closes += 1
         reasons = self.unexpected_close_reasons
@@ -327,15 +339,7 @@ class RawConnection(asyncio.Protocol):
                         if not waiter.done():
                             waiter.set_result(None)
                 elif token and token == self.ping_sent:
-                    rtt_us = (time.monotonic_ns() - token) // 1000
-                    if token >= stats.hold_since_ns:
-                        stats.rtt_hold_us.record(rtt_us)
-                        if rtt_us > stats.window_rtt_max_us:
-                            stats.window_rtt_max_us = rtt_us
-                    else:
-                        stats.rtt_connect_phase_us.record(rtt_us)
-                    stats.pongs += 1
-                    stats.outstanding -= 1
+                    stats.pong(token)
                     self.ping_sent = 0
                 else:
                     stats.late_pongs += 1
@@ -680,15 +684,7 @@ class WsConnection(asyncio.Protocol):
         if cid >= PING_ID_BASE:
             sent = self.ping_sent
             if sent and cid == ping_id(sent) and payload.startswith(b'"ping"', comma + 1):
-                rtt_us = (time.monotonic_ns() - sent) // 1000
-                if sent >= stats.hold_since_ns:
-                    stats.rtt_hold_us.record(rtt_us)
-                    if rtt_us > stats.window_rtt_max_us:
-                        stats.window_rtt_max_us = rtt_us
-                else:
-                    stats.rtt_connect_phase_us.record(rtt_us)
-                stats.pongs += 1
-                stats.outstanding -= 1
+                stats.pong(sent)
                 self.ping_sent = 0
             else:
                 stats.late_pongs += 1
