@@ -19,6 +19,7 @@ from tidegate.engine.conn import Conn
 from tidegate.engine.options import EngineOptions
 from tidegate.engine.worker import Worker
 from tidegate.gateway.auth import encode_hs256
+from tidegate.gateway.broker import MemoryBroker
 from tidegate.gateway.codec_json import JSON_CODEC, match_rpc
 from tidegate.gateway.codes import (
     DISCONNECT_BAD_REQUEST,
@@ -279,6 +280,31 @@ def test_session_fast_path_not_taken_when_expired_or_not_connected() -> None:
     fresh = ClientSession(RecordingTransport(), node, "json")
     assert fresh.handle_message(b'{"id":3,"rpc":{"data":1}}') is None  # connect must come first
     assert fresh.closed
+
+
+def test_session_fast_path_not_taken_with_a_broker_that_is_not_inline() -> None:
+    class TaskBroker(MemoryBroker):
+        inline = False  # the generic path runs every command in a task
+
+    async def idle(s: ClientSession) -> None:
+        for _ in range(50):
+            await asyncio.sleep(0)
+            if not s.busy:
+                return
+
+    async def main() -> None:
+        node = Node(make_config(), broker=TaskBroker(), rpc_handler=echo_rpc)
+        t = RecordingTransport()
+        s = ClientSession(t, node, "json")
+        s.handle_commands(json.dumps({"id": 1, "connect": {"token": token()}}).encode())
+        await idle(s)
+        assert b'"connect"' in t.take()[0]
+        assert s.handle_message(b'{"id":3,"rpc":{"data":1}}') is None
+        assert s.busy and t.take() == []
+        await idle(s)
+        assert t.take() == [b'{"id":3,"rpc":{"data":1}}']
+
+    asyncio.run(main())
 
 
 # ---- WebSocketApp ------------------------------------------------------------------------

@@ -303,7 +303,7 @@ class ClientSession:
             if codec is JSON_CODEC:
                 node = self._node
                 handler = node.rpc_handler
-                if handler is not None and node.rpc_inline:
+                if handler is not None and node.rpc_inline and node.broker.inline:
                     m = match_rpc(data)
                     if m is not None and (
                         not self._exp
@@ -470,8 +470,9 @@ class ClientSession:
         Command/request objects, no coroutine, no second parse of ``data`` (an echo of it
         needs no check at all: those are our own bytes). Same outcome as the generic path:
         ``match_rpc`` only accepts messages whose ``data`` bytes are what ``decode_commands``
-        produces, and only for a connected session (connect reply written, no task running,
-        connection not expired).
+        produces, and only where the generic path would run the command synchronously too (a
+        connected session, connect reply written, no task running, connection not expired,
+        an inline broker, a handler that is not a coroutine function).
         """
         try:
             if res is not req_data and type(res) is not bytes and isawaitable(res):
