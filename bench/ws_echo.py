@@ -111,7 +111,11 @@ class EchoClient(asyncio.Protocol):
 
 
 def client_process(host: str, port: int, conns: int, seconds: float, tidegate: bool,
-                   out: Any) -> None:
+                   out: Any, ready_q: Any = None, go: Any = None) -> None:
+    """Hold ``conns`` connections, then count round trips for ``seconds``. With ``ready_q``
+    and ``go`` (synchronized mode) the window starts only once every client process is
+    connected (``go`` set by the parent), so no client's window overlaps another's connection
+    phase; the counts are sent before the connections are dropped."""
     import uvloop
 
     async def main() -> dict[str, Any]:
@@ -136,16 +140,23 @@ def client_process(host: str, port: int, conns: int, seconds: float, tidegate: b
                 batch.append(proto)
             await asyncio.gather(*(p.ready for p in batch))
             clients += batch
+        if go is not None:
+            ready_q.put(os.getpid())
+            await loop.run_in_executor(None, go.wait)
         for c in clients:
             c.start()
         await asyncio.sleep(seconds)
         for c in clients:
             c.running = False
+        if go is not None:
+            out.put({"n": stats["n"], "lat": stats["lat"][:50_000]})
+        for c in clients:
             c.transport.abort()
         return stats
 
     stats = uvloop.run(main())
-    out.put({"n": stats["n"], "lat": stats["lat"][:50_000]})
+    if go is None:
+        out.put({"n": stats["n"], "lat": stats["lat"][:50_000]})
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
@@ -168,15 +179,33 @@ def children_cpu() -> float:
 def drive(name: str, port: int, server_pids: list[int], args: argparse.Namespace) -> dict[str, Any]:
     ctx = mp.get_context("fork")
     q: Any = ctx.Queue()
+    sync = not args.unsynchronized
+    ready_q: Any = ctx.Queue() if sync else None
+    go: Any = ctx.Event() if sync else None
     per = args.connections // args.clients
     cpu0 = [cpu_times(p) for p in server_pids]
     clients0 = children_cpu()
     procs = [ctx.Process(target=client_process,
-                         args=("127.0.0.1", port, per, args.seconds, name != "picows", q))
+                         args=("127.0.0.1", port, per, args.seconds, name != "picows", q, ready_q,
+                               go))
              for _ in range(args.clients)]
     for p in procs:
         p.start()
+    window: dict[str, Any] = {}
+    if sync:
+        client_pids = [ready_q.get(timeout=120) for _ in procs]
+        w0 = [cpu_times(p) for p in server_pids]
+        c0 = sum(cpu_seconds(p) for p in client_pids)
+        go.set()
     results = [q.get(timeout=args.seconds + 120) for _ in procs]
+    if sync:
+        w1 = [cpu_times(p) for p in server_pids]
+        c1 = sum(cpu_seconds(p) for p in client_pids)
+        window = {
+            "user": sum(b[0] - a[0] for a, b in zip(w0, w1, strict=True)),
+            "sys": sum(b[1] - a[1] for a, b in zip(w0, w1, strict=True)),
+            "clients": c1 - c0,
+        }
     for p in procs:
         p.join(30)
     cpu1 = [cpu_times(p) for p in server_pids]
@@ -189,19 +218,27 @@ def drive(name: str, port: int, server_pids: list[int], args: argparse.Namespace
     pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 3)) if lat else \
         (lambda q: None)
     per_rt = (lambda s: round(s / n * 1e6, 2)) if n else (lambda s: None)
-    return {
+    out = {
         "connections": per * args.clients,
         "seconds": args.seconds,
+        "synchronized": sync,
         "round_trips": n,
         "round_trips_per_s": round(n / args.seconds, 1),
         "latency_ms_p50": pct(0.5),
         "latency_ms_p99": pct(0.99),
+        # over the whole drive: connection setup (handshakes, connect commands) included
         "server_cpu_seconds": round(cpu, 2),
         "server_cpu_us_per_round_trip": per_rt(cpu),
         "server_user_us_per_round_trip": per_rt(user),
         "server_sys_us_per_round_trip": per_rt(system),
         "client_cpu_us_per_round_trip": per_rt(clients),
     }
+    if window:  # the measured window only: the steady-state cost of a round trip
+        out["window_server_cpu_us_per_round_trip"] = per_rt(window["user"] + window["sys"])
+        out["window_server_user_us_per_round_trip"] = per_rt(window["user"])
+        out["window_server_sys_us_per_round_trip"] = per_rt(window["sys"])
+        out["window_client_cpu_us_per_round_trip"] = per_rt(window["clients"])
+    return out
 
 
 def run_tidegate(name: str, args: argparse.Namespace, src: str | None = None) -> dict[str, Any]:
@@ -262,6 +299,10 @@ def main() -> int:
                          "the report gives the per-round figures and their medians")
     ap.add_argument("--baseline", default="",
                     help="also run tidegate from this src directory (another checkout) each round")
+    ap.add_argument("--unsynchronized", action="store_true",
+                    help="let each client process start its window as soon as its own\n"
+                         "connections are up (the original behaviour): one client's window can\n"
+                         "then overlap the other's connection phase")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
