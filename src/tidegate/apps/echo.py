@@ -15,10 +15,8 @@ from tidegate.protocol.heartbeat import DATA, PING, PONG, frame
 
 class EchoHandler(EventHandler):
     def on_traffic(self, c: Conn) -> None:
-        while True:
-            payload = c.next_frame()
-            if payload is None:
-                return
+        valid = False
+        while (payload := c.next_frame()) is not None:
             if not payload:
                 continue
             kind = payload[0]
@@ -29,6 +27,8 @@ class EchoHandler(EventHandler):
             elif kind != PONG:
                 c.close("unknown_frame_type")
                 return
+            valid = True
+        if valid and not c.is_ready:  # the first valid frame is the raw protocol's handshake
             c.ready()
 
     def ping_frame(self, c: Conn) -> bytes:
