@@ -177,6 +177,9 @@ class FakeTransport:
     def close(self) -> None:
         self.closed = True
 
+    def get_extra_info(self, name: str) -> None:
+        return None
+
 
 def _raw_connection(stats: Stats) -> tuple[RawConnection, FakeTransport]:
     RawConnection.stats = stats
@@ -184,6 +187,10 @@ def _raw_connection(stats: Stats) -> tuple[RawConnection, FakeTransport]:
     transport = FakeTransport()
     conn.connection_made(transport)  # type: ignore[arg-type]
     assert conn.state == PENDING
+    # The hello (a first ping) goes out as soon as the connection is made.
+    assert len(transport.written) == 1 and transport.written[0][4] == PING and conn.hello
+    transport.written.clear()
+    conn.hello = 0
     conn.state = OPEN  # what the client process does once the connect is done
     stats.open += 1
     return conn, transport

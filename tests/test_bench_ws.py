@@ -80,6 +80,9 @@ class FakeTransport:
     def close(self) -> None:
         self.closed = True
 
+    def get_extra_info(self, name: str) -> None:
+        return None
+
 
 def _driver(stats: Stats, count: int = 4) -> WsDriver:
     config = ClientConfig(index=0, host="127.0.0.1", port=8000, sources=["127.0.0.2"],

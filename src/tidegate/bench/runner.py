@@ -56,11 +56,11 @@ from tidegate.bench.histogram import Histogram
 CLIENT_RESERVE_FDS = 1000
 # Below this many connections per process, extra client processes buy nothing but start-up time.
 MIN_CONNECTIONS_PER_CLIENT = 5000
-# Connections per source address, as a share of the ephemeral port range. Linux's connect()
-# (with IP_BIND_ADDRESS_NO_PORT, port chosen at connect) tries even ports first and scans from a
-# moving offset: once a source address holds ~half the range towards one destination, every
-# further connect scans thousands of taken ports in the kernel (measured here: 100k connections
-# over 6 addresses stalled at ~85k, the clients spending ~1 ms of system time per connect).
+# Connections per source address, as a share of the ephemeral port range. The clients bind their
+# source address with port 0 (the kernel picks a free port); Linux searches one half of the range
+# first (even ports for bind(), odd for connect()) from a moving offset, so once an address holds
+# ~half the range every further connect scans thousands of taken ports in the kernel (measured
+# here: 100k connections over 6 addresses stalled at ~85k, ~1 ms of system time per connect).
 # A quarter of the range keeps the scans short; loopback has 16 million addresses to spare.
 PORT_RANGE_SHARE_PER_SOURCE = 0.25
 FIRST_SOURCE = ipaddress.IPv4Address("127.0.0.2")
@@ -747,6 +747,7 @@ class Bench:
             config = ClientConfig(
                 index=plan.index, host=host, port=port, sources=plan.sources,
                 connections=plan.connections, parent_pid=os.getpid(), protocol=a.protocol,
+                tick_phase=plan.index / len(plans),
                 max_inflight=a.max_inflight, ping_interval_s=a.ping_interval,
                 pong_timeout_s=a.pong_timeout, connect_timeout_s=a.connect_timeout,
                 close_mode=a.close_mode, hello=a.hello, established_on=a.established_on,
