@@ -398,6 +398,12 @@ def test_bench_run_against_its_own_server(tmp_path: Path) -> None:
     for pid in [r["server_supervisor_pid"], *r["server_worker_pids"], *r["client_pids"]]:
         assert not procstat.alive(pid), pid
     assert "established / held" in output  # the human summary
+    # /metrics was scraped while holding, and what the stats cost the workers is known.
+    assert r["metrics_scrapes"] >= 1 and r["metrics_scrape_errors"] == []
+    assert r["metrics_scrape_ms_max"] >= r["metrics_scrape_ms_p50"] > 0
+    assert r["metrics_scrape_bytes"] > 0
+    assert r["server_stats_cpu_percent_per_worker"] is not None
+    assert "/metrics scrape ms" in output
 
 
 def test_bench_run_with_target(tmp_path: Path, serve: Any) -> None:

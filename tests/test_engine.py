@@ -214,6 +214,23 @@ def test_client_that_never_reads_is_closed_and_memory_stays_bounded(serve):
     assert echo_ok(connect(srv.port))
 
 
+def test_client_that_never_reads_is_closed_at_the_message_cap(serve):
+    # Bytes alone would allow ~100 MB of queue here: the message cap closes it first.
+    srv = serve("--workers", "1", "--max-write-buffer-bytes", "100000000",
+                "--max-write-buffer-messages", "2")
+    s = connect(srv.port)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    chunk = frame(DATA, b"z" * 60_000) * 16  # ~1 MB of echoes per send; we never read
+    s.settimeout(0.5)
+    try:
+        for _ in range(200):
+            s.sendall(chunk)
+    except (TimeoutError, ConnectionError):
+        pass
+    srv.wait_stats(lambda st: srv.closes().get("slow_consumer") == 1)
+    assert echo_ok(connect(srv.port))
+
+
 def test_keepalive_is_set_on_accepted_sockets(serve):
     srv = serve("--workers", "1", "--tcp-keepalive-idle-s", "77")
     s = connect(srv.port)

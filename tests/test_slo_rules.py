@@ -38,6 +38,7 @@ COUNTERS = {
     "tidegate_bytes_in_total",
     "tidegate_bytes_out_total",
     "tidegate_evictions_total",  # {class}
+    "tidegate_evictions_dry_run_total",  # {class}
     "tidegate_gc_collections_total",  # {generation}
     "tidegate_worker_restarts_total",
     "tidegate_blocking_pool_rejections_total",
@@ -50,6 +51,8 @@ GAUGES = {
     "tidegate_write_buffer_bytes",
     "tidegate_blocking_pool_busy",
     "tidegate_ready",  # 0/1
+    "tidegate_eviction_shedding",  # {worker}: 0/1
+    "tidegate_eviction_pressure_ratio",  # {worker, resource}
 }
 HISTOGRAMS = {
     "tidegate_heartbeat_rtt_seconds",

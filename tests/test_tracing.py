@@ -66,3 +66,17 @@ def test_tracing_is_off_by_default(gateway):
 
     asyncio.run(main())
     assert spans(srv.log()) == []
+
+
+def test_root_sampling_follows_the_ratio() -> None:
+    from tidegate.observe.tracing import _Tracing
+
+    tracing = _Tracing()
+    assert not tracing.sample_root()  # off: nothing is traced
+    tracing.setup("console", sample_ratio=0.0)
+    assert not any(tracing.sample_root() for _ in range(1000))
+    tracing.setup("console", sample_ratio=0.5)
+    assert 300 < sum(tracing.sample_root() for _ in range(1000)) < 700
+    tracing.setup("console", sample_ratio=1.0)
+    assert all(tracing.sample_root() for _ in range(100))
+    tracing.shutdown()

@@ -29,13 +29,26 @@ def _load_factory(spec: str) -> Callable[[], EventHandler | list[EventHandler]]:
     return factory
 
 
+def _bool(text: str) -> bool:
+    """A boolean option's flag value: ``--eviction-dry-run true``."""
+    low = text.strip().lower()
+    if low not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return low in ("1", "true", "yes", "on")
+
+
+_FLAG_TYPES: dict[str, Callable[[str], Any]] = {
+    "int": int, "float": float, "str": str, "bool": _bool,
+}
+
+
 def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML file; its [engine] table sets engine options")
     p.add_argument("--app", default=GATEWAY,
                    help="gateway (default), echo (the raw heartbeat protocol), or module:Handler")
     for f in dataclasses.fields(EngineOptions):
         flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str}.get(str(f.type))
+        kind = _FLAG_TYPES.get(str(f.type))
         if kind is None:
             continue
         p.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default {f.default})")

@@ -44,6 +44,7 @@ import socket
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -129,6 +130,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "(default: 30); the hold lasts until then if --hold is shorter")
 
     g = parser.add_argument_group("server")
+    g.add_argument("--scrape-interval", type=_non_negative_float, default=15.0,
+                   metavar="SECONDS",
+                   help="scrape the server's /metrics this often during the hold and report "
+                   "how long a scrape takes and what the workers' stats cost them; only for a "
+                   "server the bench starts (it knows its metrics port); 0 = never "
+                   "(default: 15, Prometheus' usual interval)")
     g.add_argument("--target", metavar="HOST:PORT",
                    help="aim at a server already running (loopback only) instead of starting one")
     g.add_argument("--server-status-file", metavar="PATH",
@@ -279,6 +286,94 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 # --------------------------------------------------------------------------- processes
+
+
+class MetricsScraper:
+    """Scrapes the server's ``/metrics`` during the hold, as Prometheus would.
+
+    Reports the scrape's wall time and size, and what producing the figures costs the workers:
+    they send their stats to the supervisor every second whether anyone scrapes or not, and
+    count the CPU time that takes (``stats_cpu_seconds`` in their status); the supervisor
+    answers scrapes from what it holds, so its own CPU over the hold is reported too.
+    """
+
+    def __init__(self, server: Server | None, port: int | None, interval: float) -> None:
+        self.server = server
+        self.url = f"http://127.0.0.1:{port}/metrics" if port else ""
+        self.interval = interval
+        self.durations_ms: list[float] = []
+        self.sizes: list[int] = []
+        self.errors: list[str] = []
+        self.task: asyncio.Task[None] | None = None
+        self.t0 = 0.0
+        self.stats_cpu0: float | None = None
+        self.supervisor_cpu0: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url and self.interval > 0 and self.server is not None
+                    and self.server.started)
+
+    def _stats_cpu(self) -> float | None:
+        assert self.server is not None
+        self.server.refresh()
+        stats = self.server.status.get("worker_stats") or []
+        values = [w.get("stats_cpu_seconds") for w in stats]
+        if not values or None in values:
+            return None
+        return float(sum(values))
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        assert self.server is not None
+        self.t0 = time.monotonic()
+        self.stats_cpu0 = self._stats_cpu()
+        self.supervisor_cpu0 = procstat.cpu_seconds(self.server.pid) if self.server.pid else None
+        self.task = asyncio.create_task(self._run())
+
+    def _scrape(self) -> None:
+        t = time.perf_counter()
+        try:
+            with urllib.request.urlopen(self.url, timeout=10) as resp:
+                body = resp.read()
+        except OSError as exc:
+            self.errors.append(str(exc))
+            return
+        self.durations_ms.append((time.perf_counter() - t) * 1000)
+        self.sizes.append(len(body))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.to_thread(self._scrape)
+            await asyncio.sleep(self.interval)
+
+    async def finish(self) -> dict[str, Any]:
+        if self.task is None:
+            return {"metrics_scrape_interval_s": None}
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        assert self.server is not None
+        elapsed = time.monotonic() - self.t0
+        stats_cpu1 = self._stats_cpu()
+        workers = len(self.server.workers) or 1
+        supervisor_cpu1 = procstat.cpu_seconds(self.server.pid) if self.server.pid else None
+        d = sorted(self.durations_ms)
+        return {
+            "metrics_scrape_interval_s": self.interval,
+            "metrics_scrapes": len(d),
+            "metrics_scrape_errors": self.errors[:5],
+            "metrics_scrape_ms_p50": round(d[len(d) // 2], 2) if d else None,
+            "metrics_scrape_ms_max": round(d[-1], 2) if d else None,
+            "metrics_scrape_bytes": max(self.sizes) if self.sizes else None,
+            "server_stats_cpu_percent_per_worker": (
+                None if stats_cpu1 is None or self.stats_cpu0 is None or elapsed <= 0
+                else round(100 * (stats_cpu1 - self.stats_cpu0) / elapsed / workers, 3)),
+            "server_supervisor_cpu_percent_hold": (
+                None if supervisor_cpu1 is None or self.supervisor_cpu0 is None or elapsed <= 0
+                else round(100 * (supervisor_cpu1 - self.supervisor_cpu0) / elapsed, 3)),
+        }
 
 
 @dataclass
@@ -579,6 +674,7 @@ class Bench:
         self.report: dict[str, Any] = {}
         self.failures: list[str] = []
         self.server: Server | None = None
+        self.metrics_port: int | None = None
         self.clients: list[Client] = []
         if args.logs_dir:
             os.makedirs(args.logs_dir, exist_ok=True)
@@ -692,12 +788,13 @@ class Bench:
         log_path = os.path.join(self.workdir, "server.log")
         base = shlex.split(a.server_cmd) if a.server_cmd else [
             sys.executable, "-m", "tidegate", "serve"]
+        self.metrics_port = metrics_port = free_port(host)
         if self.ws:
             # The gateway as its config says (heartbeat settings included, unless
             # --server-ping-interval is given), on ports of its own: never a default port
             # another server on this machine may hold.
             cmd = [*base, "--app", "gateway", "--host", host, "--port", str(port),
-                   "--tcp-port", str(free_port(host)), "--metrics-port", str(free_port(host)),
+                   "--tcp-port", str(free_port(host)), "--metrics-port", str(metrics_port),
                    "--connections", str(a.connections), "--status-file", status_path]
             if self.server_config:
                 cmd += ["--config", self.server_config]
@@ -705,6 +802,7 @@ class Bench:
                 cmd += ["--ping-interval-s", _num(a.server_ping_interval)]
         else:
             cmd = [*base, "--app", "echo", "--host", host, "--port", str(port),
+                   "--metrics-port", str(metrics_port),
                    "--connections", str(a.connections), "--status-file", status_path,
                    "--ping-interval-s", _num(a.server_ping_interval or a.ping_interval),
                    "--pong-timeout-s", _num(a.pong_timeout)]
@@ -961,6 +1059,8 @@ class Bench:
         server_died = False
         broadcast = (asyncio.create_task(self.broadcast_phase(t0)) if self.broadcast_on
                      else None)
+        scraper = MetricsScraper(self.server, self.metrics_port, a.scrape_interval)
+        scraper.start()
         try:
             while True:
                 now = time.monotonic()
@@ -1015,6 +1115,7 @@ class Bench:
                     await broadcast
         self.phases["hold"] = time.monotonic() - t0
         self.report["hold_seconds"] = round(time.monotonic() - t0, 3)
+        self.report.update(await scraper.finish())
         held = held or {}
         r = self.report
         r["server_rss_bytes_held"] = held.get("rss")
@@ -1500,6 +1601,12 @@ class Bench:
         line("server marginal bytes per connection", r.get("server_marginal_bytes_per_connection"))
         line("kernel slab delta (MiB)", _mib(r.get("kernel_slab_bytes_delta")))
         line("server cpu seconds", r.get("server_cpu_seconds"))
+        if r.get("metrics_scrapes"):
+            line("/metrics scrape ms p50 / max (bytes)", f"{r.get('metrics_scrape_ms_p50')} / "
+                 f"{r.get('metrics_scrape_ms_max')} ({r.get('metrics_scrape_bytes')})")
+            line("worker cpu % for stats / supervisor %",
+                 f"{r.get('server_stats_cpu_percent_per_worker')} / "
+                 f"{r.get('server_supervisor_cpu_percent_hold')}")
         if r.get("broadcast_count"):
             line("broadcast published / deliveries / lost", f"{r.get('broadcast_published')} / "
                  f"{r.get('broadcast_deliveries')} / {r.get('deliveries_lost')}")

@@ -1,13 +1,28 @@
 """The embedded broker of one node: channels shared by all worker processes, no Redis.
 
-Each channel has one **owner** worker (a hash of its name): the owner keeps its history
-(offsets, epoch) and presence, so a stream's offsets come from one place. Publications travel
-as one control message to the supervisor, which relays it to every other worker; each worker
-fans it out to its own subscribers with the frame encoded once.
+Each channel has one **owner** worker: the owner keeps its history (offsets, epoch) and
+presence, so a stream's offsets come from one place, and the streams spread over the workers.
+The owner is the channel's place on a consistent-hash ring (``cluster.ring``) over the live
+workers; every worker builds the same ring from the same member list, so they agree without
+asking anyone. Publications travel as one control message to the supervisor, which relays it
+to every other worker; each worker fans it out to its own subscribers with the frame encoded
+once.
 
 Requests to an owner (publish with history, history, recover, presence) and their replies go
 through the supervisor too (``control.TO``). Both ends are our own processes, so messages are
 pickled.
+
+Workers dying and coming back: the supervisor tells every worker which workers are up
+(``control.MEMBERS``) whenever that changes. A dead worker leaves the ring, so its channels
+go to their ring successors at once and the other channels stay put; calls that were waiting
+on it fail fast (reads and presence updates are sent again to the new owner, a publish is not:
+it may have been stored and delivered already). What it held in memory (history, presence)
+died with it: the successor starts those streams with a new epoch, so clients that recover
+are told to reload instead of being told nothing was missed. When the worker is back (ready),
+it takes its share back, empty again; the successor drops what it kept for those channels in
+the meantime, so a later failover cannot resurrect a stale stream. A request that reaches a
+worker which no longer owns the channel (ring views differ for a moment) is forwarded once
+to the owner it sees.
 """
 
 from __future__ import annotations
@@ -17,11 +32,11 @@ import inspect
 import itertools
 import pickle
 import time
-import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from tidegate import log
+from tidegate.cluster.ring import HashRing
 from tidegate.engine import control
 from tidegate.gateway.broker import Broker, BrokerError, BrokerEventHandler, MemoryBroker
 from tidegate.gateway.history import RecoveryResult
@@ -40,8 +55,22 @@ class BrokerUnavailable(BrokerError):
     """The channel's owner did not answer in time (it may be restarting)."""
 
 
-def owner_of(channel: str, workers: int) -> int:
-    return zlib.crc32(channel.encode()) % workers
+class WorkerGone(BrokerUnavailable):
+    """The worker a call went to is down (or died before answering)."""
+
+
+# The owned stores' methods: the first argument is the channel.
+_STORE_METHODS = ("publish", "history", "recover", "remove_history", "add_presence",
+                  "remove_presence", "presence", "presence_stats")
+# Safe to send again to the new owner when the old one died mid-call. Not publish: the dead
+# owner may have stored and delivered it already.
+_STORED = frozenset(_STORE_METHODS)
+_RETRY_SAFE = _STORED - {"publish"}
+
+
+def worker_ring(workers: int) -> HashRing[int]:
+    """The ring of channel owners every worker starts from: all worker indices."""
+    return HashRing(range(workers))
 
 
 class IpcBroker(Broker):
@@ -58,15 +87,18 @@ class IpcBroker(Broker):
         self._handler: BrokerEventHandler | None = None
         self._worker: Worker | None = None
         self._rids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._pending: dict[int, tuple[asyncio.Future[Any], int]] = {}  # rid: (reply, target)
         self.publish_latency = Histogram()  # publish() until the owner has stored it
         self.errors = 0
+        # Live workers only: until the supervisor says otherwise, all of them.
+        self.ring: HashRing[int] = worker_ring(workers)
+        self.ring_changes = 0
+        self.rerouted = 0  # calls sent on to the new owner (retried or forwarded)
+        self.dropped_channels = 0  # channels whose state left with their ownership
         # Callables other workers may run here by name: the owned stores' methods, plus what
         # the node registers (API actions on local sessions, per-worker counts).
         self._services: dict[str, Callable[..., Any]] = {
-            name: getattr(self.local, name)
-            for name in ("publish", "history", "recover", "remove_history", "add_presence",
-                         "remove_presence", "presence", "presence_stats")
+            name: getattr(self.local, name) for name in _STORE_METHODS
         }
 
     def attach(self, worker: Worker) -> None:
@@ -74,6 +106,7 @@ class IpcBroker(Broker):
         self._worker = worker
         worker.on_control(control.RELAY, self._on_relay)
         worker.on_control(control.TO, self._on_direct)
+        worker.on_control(control.MEMBERS, self._on_members)
 
     def register(self, handler: BrokerEventHandler) -> None:
         self._handler = handler
@@ -82,7 +115,45 @@ class IpcBroker(Broker):
         return {
             "broker_publish_seconds": self.publish_latency.snapshot(),
             "broker_errors_total": self.errors,
+            "broker_ring_members": sorted(self.ring.members),  # a list: not a metric
+            "broker_ring_changes_total": self.ring_changes,
+            "broker_rerouted_total": self.rerouted,
+            "broker_dropped_channels_total": self.dropped_channels,
         }
+
+    # ---- membership -------------------------------------------------------------------
+    def owner(self, channel: str) -> int:
+        """The live worker that owns ``channel`` (the ring never runs empty: see set_members)."""
+        return self.ring.owner(channel)
+
+    def _on_members(self, body: bytes) -> None:
+        self.set_members(int(x) for x in body.split(b",") if x)
+
+    def set_members(self, live: Iterable[int]) -> None:
+        """The workers that are up now. Channels of the ones that left go to their ring
+        successors; calls waiting on those fail at once (WorkerGone) instead of timing out;
+        state for channels this worker no longer owns is dropped."""
+        members = sorted({i for i in live if 0 <= i < self.workers}) or [self.index]
+        if not self.ring.set_members(members):
+            return
+        self.ring_changes += 1
+        for fut, target in list(self._pending.values()):
+            if target not in self.ring and not fut.done():
+                fut.set_exception(WorkerGone(f"worker {target} went away"))
+        dropped = self._drop_unowned()
+        _log.info("channel owners changed",
+                  extra={"members": members, "dropped_channels": dropped})
+
+    def _drop_unowned(self) -> int:
+        """Forget history and presence of channels owned elsewhere now (handed back to a
+        returning worker): kept, they could come back stale in a later failover."""
+        history, presence = self.local.history_store, self.local.presence_store
+        gone = {c for c in (*history.streams, *presence.names()) if self.owner(c) != self.index}
+        for channel in gone:
+            history.remove(channel)
+            presence.drop(channel)
+        self.dropped_channels += len(gone)
+        return len(gone)
 
     # ---- sending ----------------------------------------------------------------------
     def _relay(self, msg: tuple[Any, ...]) -> None:
@@ -118,24 +189,35 @@ class IpcBroker(Broker):
 
     async def _call(self, channel: str, method: str, *args: Any, **kw: Any) -> Any:
         """Run a store method on the channel's owner, here or over IPC."""
-        return await self.call(owner_of(channel, self.workers), method, channel, *args, **kw)
+        try:
+            return await self.call(self.owner(channel), method, channel, *args, **kw)
+        except WorkerGone:
+            if method not in _RETRY_SAFE:
+                raise
+            self.rerouted += 1  # the owner died mid-call: ask its successor
+            return await self.call(self.owner(channel), method, channel, *args, **kw)
 
     async def call(self, target: int, name: str, *args: Any, **kw: Any) -> Any:
         """Run service ``name`` on worker ``target`` and return its result (or raise its error)."""
         if target == self.index or self._worker is None:
             return await _result(self._services[name](*args, **kw))
+        return await self._call_remote(target, name, args, kw, 0)
+
+    async def _call_remote(self, target: int, name: str, args: Any, kw: Any, hops: int) -> Any:
         try:
-            return await self._remote(target, name, args, kw)
+            if target not in self.ring:
+                raise WorkerGone(f"worker {target} is down")
+            return await self._remote(target, name, args, kw, hops)
         except Exception:
             self.errors += 1
             raise
 
-    async def _remote(self, target: int, name: str, args: Any, kw: Any) -> Any:
+    async def _remote(self, target: int, name: str, args: Any, kw: Any, hops: int) -> Any:
         assert self._worker is not None
         rid = next(self._rids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        msg = (rid, self.index, name, args, kw, PUBLISH_TRACEPARENT.get())
+        self._pending[rid] = (fut, target)
+        msg = (rid, self.index, name, args, kw, PUBLISH_TRACEPARENT.get(), hops)
         body = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
         loop = asyncio.get_running_loop()
         timer = loop.call_later(REQUEST_TIMEOUT_S, _expire, fut, f"worker {target}: {name}")
@@ -160,7 +242,7 @@ class IpcBroker(Broker):
     def _on_direct(self, body: bytes) -> None:
         msg = pickle.loads(body)
         if msg[1] is None:  # a reply: (rid, None, ok, value)
-            fut = self._pending.get(msg[0])
+            fut = self._pending.get(msg[0], (None, 0))[0]
             if fut is not None and not fut.done():
                 if msg[2]:
                     fut.set_result(msg[3])
@@ -170,10 +252,18 @@ class IpcBroker(Broker):
         asyncio.get_running_loop().create_task(self._serve(msg))
 
     async def _serve(self, msg: tuple[Any, ...]) -> None:
-        rid, origin, name, args, kw, tp = msg
+        rid, origin, name, args, kw, tp, hops = msg
         PUBLISH_TRACEPARENT.set(tp)  # this task's own context: delivery joins the caller's trace
         try:
-            reply = (rid, None, True, await _result(self._services[name](*args, **kw)))
+            owner = self.owner(args[0]) if name in _STORED else None
+            if owner is not None and owner != self.index and hops == 0:
+                # The caller's ring differs from ours for a moment: the owner we see serves it
+                # (once; the next hop serves whatever it thinks, so views cannot ping-pong).
+                self.rerouted += 1
+                value = await self._call_remote(owner, name, args, kw, hops + 1)
+            else:
+                value = await _result(self._services[name](*args, **kw))
+            reply = (rid, None, True, value)
         except Exception as exc:  # the caller gets the same exception (e.g. Unrecoverable)
             reply = (rid, None, False, exc)
         if self._worker is not None:

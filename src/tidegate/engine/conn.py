@@ -22,6 +22,8 @@ READY = 1  # handshake done: liveness switches from the handshake deadline to he
 PING_OUT = 2  # a ping was sent and nothing has arrived since (any input counts as the pong)
 PAUSED = 4  # the transport's write buffer is above its high-water mark
 CLOSING = 8
+# Moving between workers (engine/stealing.py): leaving is no close, arriving no accept.
+MIGRATING = 16
 
 
 class Conn(asyncio.BufferedProtocol):
@@ -148,12 +150,13 @@ class Conn(asyncio.BufferedProtocol):
         return frame
 
     # ---- writing --------------------------------------------------------------------
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         t = self._transport
         if self._flags & (CLOSING | PAUSED):
             if self._flags & CLOSING:
                 return
-            if t.get_write_buffer_size() + len(data) > self._w.max_write_buffer_bytes:
+            if (t.get_write_buffer_size() + len(data) > self._w.max_write_buffer_bytes
+                    or self._w.queued_while_paused(self)):
                 self.abort("slow_consumer")
                 return
         w = self._w
@@ -165,7 +168,8 @@ class Conn(asyncio.BufferedProtocol):
         if self._flags & (CLOSING | PAUSED):
             if self._flags & CLOSING:
                 return
-            if self._transport.get_write_buffer_size() > self._w.max_write_buffer_bytes:
+            if (self._transport.get_write_buffer_size() > self._w.max_write_buffer_bytes
+                    or self._w.queued_while_paused(self)):
                 self.abort("slow_consumer")
                 return
         self._transport.writelines(chunks)

@@ -15,6 +15,12 @@ STATS = b"S"
 FDS = b"F"  # body: one byte, the index of the listener the sockets were accepted on
 RELAY = b"B"  # worker -> supervisor -> every other worker, body passed through untouched
 TO = b"T"  # worker -> supervisor -> one worker: body = 2-byte target index + payload
+# supervisor -> every worker: the indices of the workers that are up (ready), "0,2,3"
+MEMBERS = b"M"
+# Work stealing (engine/stealing.py). worker -> supervisor: 2-byte target index + payload, maybe
+# with fds; supervisor -> worker: 2-byte sender index + payload, the fds passed on.
+STEAL = b"W"
+LOADS = b"w"  # supervisor -> every worker: JSON list of connections per worker (-1: not up)
 _JSON_KINDS = (READY, STATS)
 MAX_FDS_PER_MESSAGE = 64
 _MAX_MSG = 8 << 20  # relayed history replies can hold many publications

@@ -43,6 +43,21 @@ class EventHandler:
         """Say goodbye to ``c`` during a drain (a protocol-level "reconnect elsewhere")."""
         c.close("drain")
 
+    def eviction_rank(self, c: Conn) -> tuple[Any, ...] | None:
+        """Where ``c`` stands when its worker sheds load (engine/eviction.py): the smallest
+        ranks go first; None = protected, never evicted. Called for every connection on a tick
+        above a ceiling: keep it cheap. Default: the one idle (no input) longest first."""
+        return (c._last_rx,)
+
+    def eviction_class(self, c: Conn) -> str:
+        """``c``'s class, a bounded label for the eviction counters (never per connection)."""
+        return "default"
+
+    def evict(self, c: Conn, delay_s: float) -> None:
+        """Shed ``c``: tell the client to come back in about ``delay_s`` seconds (a
+        protocol-level "reconnect later"), then close. The close counts as ``evicted``."""
+        c.close("evicted")
+
     def stats(self) -> dict[str, Any]:
         """Counters for /metrics (sent to the supervisor every second); keep it cheap."""
         return {}
@@ -50,3 +65,15 @@ class EventHandler:
     def ping_frame(self, c: Conn) -> bytes | None:
         """Bytes of an application-level ping for ``c``; None disables engine heartbeats."""
         return None
+
+    def export_state(self, c: Conn) -> bytes | None:
+        """Work stealing (engine/stealing.py): what another worker needs to carry on with
+        ``c``, or None to keep it here (the default: a handler that does not override this
+        never has its connections moved). Called only for an idle ``c`` with nothing buffered
+        either way. Bytes hand ``c`` over: forget it as if closed (``on_close`` is not called).
+        If the hand-over fails before the socket leaves, ``import_state`` takes it back."""
+        return None
+
+    def import_state(self, c: Conn, state: bytes) -> None:
+        """``c`` arrived from another worker with its ``export_state`` bytes (instead of
+        ``on_open``); it is ready, its heartbeats carry on."""

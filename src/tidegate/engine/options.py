@@ -23,6 +23,16 @@ class EngineOptions:
     reserve_fds: int = 256
     # Ceiling per worker; 0 = what the fd limit allows (RLIMIT_NOFILE - reserve_fds).
     max_connections_per_worker: int = 0
+    # Work stealing (engine/stealing.py): every steal_tick_s a worker under the mean (by more
+    # than steal_slack_ratio, or at all while another is over it by that much) takes up to
+    # steal_max_per_tick idle connections (silent steal_min_idle_ms) from busier workers, in at
+    # most steal_tries_per_tick requests. Only apps whose handler exports connection state
+    # (the echo app; not the gateway yet); never TLS. steal_max_per_tick 0 = off.
+    steal_tick_s: float = 1.0
+    steal_max_per_tick: int = 1024
+    steal_tries_per_tick: int = 16
+    steal_min_idle_ms: float = 500.0
+    steal_slack_ratio: float = 0.01
 
     # Timing wheel resolution and liveness (L1 keepalive in the kernel, L2 heartbeat here).
     tick_s: float = 0.5
@@ -41,6 +51,9 @@ class EngineOptions:
     max_frame_bytes: int = 65_536
     # A client that stops reading is closed once this much output is queued for it.
     max_write_buffer_bytes: int = 1_048_576
+    # Writes a connection may queue once its output is above the high-water mark (0: no cap);
+    # past either cap it is closed as a slow consumer.
+    max_write_buffer_messages: int = 0
 
     # TLS on every listener when both are set; SIGHUP reloads them without dropping connections.
     tls_cert_file: str = ""
@@ -56,9 +69,32 @@ class EngineOptions:
     # clients do not all reconnect at once; then the grace below, then SIGKILL.
     drain_s: float = 5.0
     shutdown_grace_s: float = 10.0
+    # Long jobs (a big channel's fan-out, the drain) run in the worker's run queue
+    # (engine/runqueue.py) in slices of this much wall time, so heartbeats and accepts run in
+    # between; 0 = no slicing, they run in one go. A publication goes to the run queue when
+    # the worker has more than fanout_chunk_subscribers subscribers of its channel.
+    slice_ms: float = 5.0
+    fanout_chunk_subscribers: int = 256
     # Admission limits: 0 = off. The accept rate is for the whole node (split over workers).
     max_connections_per_ip: int = 0
     accept_rate_per_s: float = 0.0
+    # L3 liveness, the eviction controller (engine/eviction.py): every eviction_tick_s each
+    # worker measures itself against these ceilings (0 = not watched; all 0 = off). Above one it
+    # sheds at most eviction_max_fraction_per_tick of its connections per tick, least valuable
+    # first, telling them to reconnect in eviction_reconnect_delay_s, until every measurement is
+    # under eviction_resume_fraction of its ceiling. Connections, RSS and write buffers are
+    # node-wide (split evenly over the workers); CPU (% of one core) and loop lag (p99 over the
+    # tick) are per worker process. Dry run: log and count what would go, close nothing.
+    eviction_tick_s: float = 60.0
+    eviction_max_connections: int = 0
+    eviction_max_rss_bytes: int = 0
+    eviction_max_cpu_percent: float = 0.0
+    eviction_max_loop_lag_ms: float = 0.0
+    eviction_max_write_buffer_bytes: int = 0
+    eviction_max_fraction_per_tick: float = 0.05
+    eviction_resume_fraction: float = 0.9
+    eviction_reconnect_delay_s: float = 10.0
+    eviction_dry_run: bool = False
     # OpenTelemetry traces: none | console | otlp (OTEL_EXPORTER_OTLP_ENDPOINT), sampled.
     tracing_exporter: str = "none"
     tracing_sample_ratio: float = 1.0
@@ -80,6 +116,15 @@ class EngineOptions:
             raise ValueError(f"loop must be uvloop or asyncio, not {self.loop!r}")
         if self.tick_s <= 0:
             raise ValueError("tick_s must be > 0")
+        if self.steal_tick_s <= 0 or self.steal_max_per_tick < 0 or self.steal_slack_ratio < 0:
+            raise ValueError("steal_tick_s must be > 0, steal_max_per_tick and "
+                             "steal_slack_ratio >= 0")
+        if self.eviction_tick_s <= 0:
+            raise ValueError("eviction_tick_s must be > 0")
+        if not 0 < self.eviction_max_fraction_per_tick <= 1:
+            raise ValueError("eviction_max_fraction_per_tick must be in (0, 1]")
+        if not 0 < self.eviction_resume_fraction <= 1:
+            raise ValueError("eviction_resume_fraction must be in (0, 1]")
         if self.read_buffer_bytes < 2 * self.max_frame_bytes + 4096:
             # A partial frame is copied to the front of the shared buffer before the next read.
             self.read_buffer_bytes = 2 * self.max_frame_bytes + 4096

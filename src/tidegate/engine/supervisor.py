@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidegate import log
-from tidegate.engine import control
+from tidegate.engine import control, stealing
 from tidegate.engine.handler import EventHandler
 from tidegate.engine.limits import (
     REUSEPORT_HEADROOM,
@@ -80,6 +80,11 @@ class Supervisor:
         self._wake_r = self._wake_w = -1
         self._status_written = ""
         self._metrics: Any = None
+        self._stealing = stealing.Router(self)  # load tables, connections between workers
+        # The live workers last told to every worker (None until all were ready once), and
+        # which pid of each slot has been told: see _announce_members.
+        self._members: tuple[int, ...] | None = None
+        self._members_told: dict[int, int] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------
     def run(self) -> int:
@@ -132,6 +137,8 @@ class Supervisor:
                 self._poll(0.5)
                 self._reap()
                 self._respawn_due()
+                self._stealing.tick()
+                self._announce_members()
                 self._write_status()
             self._shutdown()
         finally:
@@ -230,6 +237,9 @@ class Supervisor:
                 self._drop_ctrl(slot)
                 return
             kind, body, fds = msg
+            if kind == control.STEAL:  # its fds go on to another worker
+                self._stealing.route(slot, body, fds)
+                continue
             for fd in fds:
                 os.close(fd)
             if kind == control.RELAY:
@@ -340,6 +350,21 @@ class Supervisor:
                 extra={"worker": slot.index, "worker_pid": pid, "why": why, "restart_in_s": delay},
             )
 
+    def _announce_members(self) -> None:
+        """Tell the workers which of them are up (``control.MEMBERS``) when that changes, and
+        a freshly forked one at once: the embedded broker moves a dead worker's channels to
+        the others and back when it is ready again. During start-up every worker assumes all
+        are up, so nothing is said until all were ready once."""
+        if self._members is None and not all(s.ready for s in self.slots):
+            return
+        live = tuple(s.index for s in self.slots if s.ready and s.ctrl is not None)
+        changed, self._members = live != self._members, live
+        msg = control.MEMBERS + ",".join(map(str, live)).encode()
+        for slot in self.slots:
+            if slot.ctrl is not None and (changed or self._members_told.get(slot.index) != slot.pid):
+                self._send(slot, msg)
+                self._members_told[slot.index] = slot.pid
+
     def _respawn_due(self) -> None:
         now = time.monotonic()
         for slot in self.slots:
@@ -398,6 +423,7 @@ class Supervisor:
             "worker_stats": [s.stats for s in self.slots],
             "restarts": self.restarts,
             "refused_handoff": self.refused_handoff,
+            "stealing": self._stealing.stats(),
         }
 
     def _write_status(self) -> None:

@@ -9,18 +9,20 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tidegate import log
-from tidegate.engine import control, gc_control, tls
+from tidegate.engine import control, gc_control, stealing, tls
 from tidegate.engine.blocking import BlockingPool
-from tidegate.engine.conn import CLOSING, PING_OUT, READY, Conn
+from tidegate.engine.conn import CLOSING, MIGRATING, PING_OUT, READY, Conn
+from tidegate.engine.eviction import EvictionController
 from tidegate.engine.handler import EventHandler
 from tidegate.engine.limits import raise_nofile
 from tidegate.engine.loop import new_event_loop
 from tidegate.engine.netopt import listening_socket
 from tidegate.engine.options import EngineOptions
+from tidegate.engine.runqueue import RunQueue
 from tidegate.engine.wheel import TimingWheel
 from tidegate.observe import leaks, trace
 from tidegate.observe.histogram import Histogram
@@ -37,6 +39,7 @@ def current_worker_index() -> tuple[int, int]:
     """(index, workers_total) of the worker process calling it."""
     return int(_current["index"]), int(_current["workers_total"])
 STATS_INTERVAL_S = 1.0
+DRAIN_STEP = 8  # goodbyes per run-queue step (a gateway one costs tens of us)
 
 
 class Worker:
@@ -109,14 +112,22 @@ class Worker:
         self.closes: collections.Counter[str] = collections.Counter()
         self.close_reasons: dict[Conn, str] = {}
         self.paused: set[Conn] = set()  # connections whose transport paused writing
+        # Writes queued by each paused connection since it paused: the message cap
+        # (max_write_buffer_messages) counts these; a connection below the high-water mark
+        # holds under 64 KiB whatever its message count.
+        self.paused_writes: dict[Conn, int] = {}
+        self.max_write_buffer_messages = opts.max_write_buffer_messages
         self._write_waiters: dict[Conn, asyncio.Future[None]] = {}
         self._refused: set[Conn] = set()
         self.gc_stats: gc_control.GcStats | None = None
         self.trace = trace.TraceRing(max(1, opts.trace_ring_events))
         self.tasks = leaks.TaskTracker()
         self.stall: StallDetector | None = None
+        self.eviction: EvictionController | None = None  # L3: only when a ceiling is set
         self._leak_dump_off: Callable[[], None] | None = None
         self.blocking = BlockingPool(opts.blocking_threads, opts.blocking_max_waiting)
+        # Long jobs in slices of opts.slice_ms (big fan-outs, the drain): engine/runqueue.py.
+        self.runqueue = RunQueue(opts.slice_ms)
         self.stopping = False
         self._stopped = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
@@ -124,9 +135,14 @@ class Worker:
         self._t0 = 0.0
         self._real_tick = 0
         self._last_stats = 0.0
+        self.stats_cpu_s = 0.0
+        self.stealer = stealing.Stealer(self)  # connections moved between workers
 
     # ---- connection lifecycle (called by Conn) --------------------------------------
     def conn_opened(self, c: Conn) -> None:
+        if c._flags & MIGRATING:  # stolen from another worker: admitted there already
+            self.stealer.arrived(c)
+            return
         reason = self._admit(c)
         if reason:
             # Refused cleanly (past the fd budget the worker would hit EMFILE), and counted.
@@ -171,6 +187,8 @@ class Worker:
         return ""
 
     def conn_lost(self, c: Conn, exc: Exception | None) -> None:
+        if c._flags & MIGRATING:  # moved to another worker: forgotten in stealing.py
+            return
         if c in self._refused:
             self._refused.discard(c)
             return
@@ -184,6 +202,7 @@ class Worker:
                     del self._per_ip[ip]
         self.wheel.cancel(c)
         self.paused.discard(c)
+        self.paused_writes.pop(c, None)
         self.active -= 1
         reason = self.close_reasons.pop(c, None)
         if reason is None:
@@ -216,8 +235,15 @@ class Worker:
         self.wheel.cancel(c)
         self.wheel.schedule(c, self.wheel.now + self._linger_ticks)
 
+    def queued_while_paused(self, c: Conn) -> bool:
+        """Count one more write from paused ``c``; True once it is past the message cap."""
+        n = self.paused_writes.get(c, 0) + 1
+        self.paused_writes[c] = n
+        return 0 < self.max_write_buffer_messages < n
+
     def writable(self, c: Conn) -> None:
         self.paused.discard(c)
+        self.paused_writes.pop(c, None)
         waiter = self._write_waiters.pop(c, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -286,6 +312,8 @@ class Worker:
                 h.on_tick(self)
             except Exception:
                 _log.exception("on_tick failed")
+        if self.eviction is not None:
+            self.eviction.maybe_run(now)
         if now - self._last_stats >= STATS_INTERVAL_S:
             self._last_stats = now
             self._send_stats()
@@ -298,6 +326,7 @@ class Worker:
             "index": self.index,
             "pid": os.getpid(),
             "active": self.active,
+            "stats_cpu_seconds": round(self.stats_cpu_s, 6),
             "accepted": self.accepted_total,
             "refused": self.refused_total,
             "refusals": dict(self.refusals),
@@ -312,9 +341,13 @@ class Worker:
             "heartbeat_rtt": self.heartbeat_rtt.snapshot(),
             "apps": [h.stats() for h in self.handlers],
             "blocking": self.blocking.stats(),
+            "runqueue": self.runqueue.stats(),
         }
+        out.update(self.stealer.stats())
         if self.stall is not None:
             out["stall"] = self.stall.stats()
+        if self.eviction is not None:
+            out["eviction"] = self.eviction.stats()
         if self.gc_stats is not None:
             out["gc_collections"] = self.gc_stats.collections
             out["gc_pause_s_max"] = round(self.gc_stats.pause_s_max, 6)
@@ -329,10 +362,14 @@ class Worker:
     def _send_stats(self) -> None:
         if self.ctrl is None:
             return
+        # What the metrics cost this worker: building and sending these stats, once a second,
+        # is all a worker does for /metrics (the supervisor answers scrapes from its copy).
+        t = time.thread_time()
         try:
             control.send_json(self.ctrl, control.STATS, self.stats())
         except OSError:
             pass
+        self.stats_cpu_s += time.thread_time() - t
 
     # ---- the handoff channel ---------------------------------------------------------
     def _on_ctrl(self) -> None:
@@ -355,6 +392,12 @@ class Worker:
                     self.handoff_received += 1
                     sock = socket.socket(fileno=fd)
                     self.loop.create_task(self._adopt(sock, self.conn_classes[listener]))
+                continue
+            if kind in stealing.KINDS:  # may carry migrating sockets: not closed here
+                try:
+                    self.stealer.on_control(kind, body, fds)
+                except Exception:
+                    _log.exception("work-stealing message failed")
                 continue
             for fd in fds:
                 os.close(fd)
@@ -406,6 +449,7 @@ class Worker:
         if self.opts.stall_threshold_ms > 0:
             self.stall = StallDetector(self.loop, threshold_ms=self.opts.stall_threshold_ms)
             self.stall.start()
+        self.eviction = EvictionController.create(self)  # after the stall detector: its lag
         for h in self.handlers:
             h.on_boot(self)
         self.gc_stats = gc_control.configure(self.opts.gc_gen0_threshold)
@@ -447,6 +491,19 @@ class Worker:
             self.stopping = True
             self._stopped.set()
 
+    def _drain_batch(self, conns: list[Conn]) -> Iterator[None]:
+        """The drain of ``conns``, DRAIN_STEP connections per run-queue step."""
+        for n, c in enumerate(conns, 1):
+            if not c.closing:
+                self.close_reasons.setdefault(c, "drain")
+                try:
+                    c._h.on_drain(c)
+                except Exception:
+                    _log.exception("on_drain failed")
+                    c.close("drain")
+            if n % DRAIN_STEP == 0:
+                yield
+
     async def _shutdown(self) -> None:
         """Drain: stop accepting, say goodbye to the connections a slice at a time over
         ``drain_s`` (flushing their output), then give stragglers ``shutdown_grace_s``."""
@@ -462,14 +519,13 @@ class Worker:
         steps = max(1, int(self.opts.drain_s / self.opts.tick_s))
         per_step = max(1, -(-len(conns) // steps))
         for i in range(0, len(conns), per_step):
-            for c in conns[i : i + per_step]:
-                if not c.closing:
-                    self.close_reasons.setdefault(c, "drain")
-                    try:
-                        c._h.on_drain(c)
-                    except Exception:
-                        _log.exception("on_drain failed")
-                        c.close("drain")
+            # A batch is thousands of goodbyes at 100k connections: a run-queue job, so the
+            # connections still open keep getting their heartbeats and pushes meanwhile.
+            job = self.runqueue.submit(self._drain_batch(conns[i : i + per_step]), "drain")
+            try:
+                await job.wait()
+            except Exception:
+                pass  # logged by the run queue; the next batch goes on
             if i + per_step < len(conns):
                 await asyncio.sleep(self.opts.tick_s)
         deadline = time.monotonic() + self.opts.shutdown_grace_s

@@ -11,8 +11,10 @@ SDK fetches a new token and retries); :class:`InvalidToken` -> disconnect 3500 "
 
 Connection token claims: ``sub`` (user id, "" = anonymous), ``exp``, ``nbf``, ``info`` (any JSON:
 the connection's ``conn_info``), ``channels`` (server-side subscriptions), ``meta`` (server-only
-data, never sent to clients). Subscription token claims: ``sub`` (must equal the connection's
-user), ``channel`` (must equal the channel), ``exp``, ``nbf``, ``info`` (``chan_info``).
+data, never sent to clients), ``tidegate_priority`` (the connection's eviction class, an integer
+0..9 or "protected": see gateway/eviction.py). Subscription token claims: ``sub`` (must equal
+the connection's user), ``channel`` (must equal the channel), ``exp``, ``nbf``, ``info``
+(``chan_info``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from tidegate.gateway.eviction import CLAIM as PRIORITY_CLAIM
+from tidegate.gateway.eviction import claim_priority
 
 __all__ = [
     "ConnectToken",
@@ -175,6 +180,7 @@ class ConnectToken:
     info: bytes | None  # compact JSON of the ``info`` claim
     channels: tuple[str, ...]
     meta: Any
+    priority: int = 0  # eviction class (tidegate_priority claim); eviction.PROTECTED = never
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,12 +200,17 @@ def verify_connect_token(
         channels = []
     if type(channels) is not list or any(type(c) is not str or not c for c in channels):
         raise InvalidToken("channels must be a list of channel names")
+    try:
+        priority = claim_priority(claims.get(PRIORITY_CLAIM))
+    except ValueError as exc:
+        raise InvalidToken(str(exc)) from None
     return ConnectToken(
         user=_sub(claims),
         exp=_exp(claims),
         info=_info(claims),
         channels=tuple(dict.fromkeys(channels)),
         meta=claims.get("meta"),
+        priority=priority,
     )
 
 

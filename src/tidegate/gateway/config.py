@@ -34,6 +34,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from tidegate.gateway.eviction import MAX_PRIORITY
+
 __all__ = [
     "ChannelOptions",
     "ConfigError",
@@ -84,8 +86,15 @@ class ChannelOptions:
     force_positioning: bool = False
     # only subscription tokens (or server-side subscriptions) give access
     protected: bool = False
-    # eviction class used under memory pressure: higher = kept longer (0 = first to go)
+    # the class of subscribers when a worker sheds load (gateway/eviction.py): 0..9, higher =
+    # kept longer (0 = first to go); protected subscribers are never evicted. A connection's
+    # class is the highest of its subscriptions' and its token's ``tidegate_priority`` claim.
     eviction_priority: int = 0
+    eviction_protected: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.eviction_priority <= MAX_PRIORITY:
+            raise ConfigError(f"eviction_priority must be 0..{MAX_PRIORITY}")
 
     @property
     def history_enabled(self) -> bool:

@@ -18,12 +18,34 @@ written, until the session writes its reply and calls :meth:`Hub.activate`, whic
 buffer over (the session drops what its reply already covers and writes the rest). Buffers
 exist only while a subscribe is in flight; an idle hub keeps ``_pending`` empty, and fan-out
 pays one truth test of it per publication.
+
+Chunked fan-out: with a run queue (:meth:`Hub.use_runqueue`, the worker's), a publication to
+a channel with more than ``chunk_min`` local subscribers is not written in one go - at 18k
+subscribers that is ~0.4 s in which the loop does not turn - but by a run-queue job, 16 writes
+a step, the loop turning every ``slice_ms``. What a subscriber sees is what the inline path
+would give it, only later:
+
+- the subscribers are a snapshot taken when the publication arrives (pending ones have it
+  buffered then, as inline), so a session that subscribes while the job runs neither misses
+  it (it was buffered, or it came before the session's position) nor gets it twice; a
+  backlog of publications shares one snapshot while nobody joins or leaves;
+- one job per channel delivers that channel's publications (and join/leave pushes) in
+  arrival order: a publication arriving while an earlier one is still being written queues
+  behind it, even if the channel has shrunk below ``chunk_min`` meanwhile;
+- a session that unsubscribes or closes meanwhile gets no more writes from the publications
+  queued before (``remove_subscriber`` marks it gone in each of them; closed sessions are
+  skipped at write time), also if it subscribes again before the job reaches it.
+
+Channels up to ``chunk_min`` subscribers (every chat room) keep the inline loop: no snapshot,
+no job, one dict truth test more per publication.
 """
 
 from __future__ import annotations
 
+import collections
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from tidegate.gateway.broker import Broker
 from tidegate.gateway.codec_json import JSON_CODEC, NotJSON, json_value
@@ -38,17 +60,48 @@ from tidegate.gateway.messages import ClientInfo, Publication
 from tidegate.observe.histogram import Histogram
 
 if TYPE_CHECKING:
+    from tidegate.engine.runqueue import JobHandle, RunQueue
     from tidegate.gateway.session import ClientSession
 
-__all__ = ["Hub"]
+__all__ = ["CHUNK_MIN_SUBSCRIBERS", "FANOUT_STEP", "Hub"]
 
 _UNSET: bytes = b"\x00unset"
+# A publication to more local subscribers than this goes through the run queue.
+CHUNK_MIN_SUBSCRIBERS = 256
+# Writes per step of a chunked fan-out (~0.4 ms here): the run queue's unit of work.
+FANOUT_STEP = 16
+_PUB, _JOIN, _LEAVE = 0, 1, 2
+
+
+class _Push:
+    """One publication (or join/leave) queued for a chunked fan-out."""
+
+    __slots__ = ("kind", "obj", "subs", "gone")
+
+    def __init__(self, kind: int, obj: Publication | ClientInfo, subs: tuple[ClientSession, ...]):
+        self.kind = kind
+        self.obj = obj
+        self.subs = subs  # who gets it: the subscribers when it arrived
+        self.gone: set[ClientSession] = set()  # of those, who left the channel since
+
+
+class _Fanout:
+    """A channel's chunked fan-out in progress: its queue of pushes, delivered by one job."""
+
+    __slots__ = ("queue", "job", "snap")
+
+    def __init__(self) -> None:
+        self.queue: collections.deque[_Push] = collections.deque()
+        self.job: JobHandle | None = None
+        # The last publication's subscribers while nobody joined or left since: the next one
+        # shares the tuple (a backlog of publications costs one snapshot, not one each).
+        self.snap: tuple[ClientSession, ...] | None = None
 
 
 class Hub:
     __slots__ = (
         "config", "broker", "_subs", "_jl", "_users", "_pending", "fanout_writes",
-        "delivery_latency",
+        "delivery_latency", "runqueue", "chunk_min", "_fanouts", "chunked_fanouts",
     )
 
     def __init__(self, config: GatewayConfig, broker: Broker) -> None:
@@ -64,11 +117,26 @@ class Hub:
         self._pending: dict[str, dict[ClientSession, list[Publication]]] = {}
         self.fanout_writes = 0
         self.delivery_latency = Histogram()
+        # Chunked fan-out (use_runqueue): off until a worker hands its run queue over.
+        self.runqueue: RunQueue | None = None
+        self.chunk_min = CHUNK_MIN_SUBSCRIBERS
+        self._fanouts: dict[str, _Fanout] = {}  # channels with a chunked fan-out in progress
+        self.chunked_fanouts = 0  # publications delivered by a run-queue job
         broker.register(self)
+
+    def use_runqueue(self, rq: RunQueue | None, chunk_min: int = CHUNK_MIN_SUBSCRIBERS) -> None:
+        """Deliver publications to more than ``chunk_min`` local subscribers through ``rq``
+        (None, or a queue with slicing off: always inline)."""
+        self.runqueue = rq if rq is not None and rq.enabled else None
+        self.chunk_min = max(0, chunk_min)
 
     # ---- registry ---------------------------------------------------------------------
     def add_subscriber(self, channel: str, session: ClientSession, join_leave: bool) -> bool:
         """Add; returns True when this is the channel's first local subscriber."""
+        if self._fanouts:
+            fan = self._fanouts.get(channel)
+            if fan is not None:
+                fan.snap = None
         subs = self._subs.get(channel)
         first = subs is None
         if subs is None:
@@ -125,6 +193,12 @@ class Hub:
     def remove_subscriber(self, channel: str, session: ClientSession) -> bool:
         """Remove (pending or not: a pending one's buffer is dropped); returns True when the
         channel has no local subscriber left."""
+        if self._fanouts:
+            fan = self._fanouts.get(channel)
+            if fan is not None:  # no writes from what was published before it left
+                fan.snap = None
+                for push in fan.queue:
+                    push.gone.add(session)
         if self._pending:
             pend = self._pending.get(channel)
             if pend is not None:
@@ -232,6 +306,9 @@ class Hub:
             subs = self._buffer_pending(channel, pub, subs)
             if not subs:
                 return
+        if self._chunked(channel, len(subs)):
+            self._enqueue_publication(channel, pub, subs)
+            return
         jbytes: bytes | None = None
         pbytes: bytes | None = None
         not_json = False
@@ -272,6 +349,9 @@ class Hub:
         subs = self._jl.get(channel)
         if not subs:
             return
+        if self._chunked(channel, len(subs)):
+            self._enqueue(channel, _Push(_LEAVE if leave else _JOIN, info, tuple(subs)))
+            return
         jbytes: bytes | None = None
         pbytes: bytes | None = None
         for s in tuple(subs):
@@ -285,6 +365,95 @@ class Hub:
                     penc = PROTOBUF_CODEC.encode_leave if leave else PROTOBUF_CODEC.encode_join
                     pbytes = penc(channel, info)
                 s.transport.write(pbytes)
+
+    # ---- chunked fan-out (see the module doc) -------------------------------------------
+    def _chunked(self, channel: str, n: int) -> bool:
+        """Deliver through the run queue: a big channel, or one whose earlier pushes are
+        still queued there (they go first)."""
+        if self._fanouts and channel in self._fanouts:
+            return True
+        return n > self.chunk_min and self.runqueue is not None
+
+    def _enqueue_publication(
+        self, channel: str, pub: Publication, subs: set[ClientSession]
+    ) -> None:
+        live = subs is self._subs.get(channel)  # (not: the subscribers minus pending ones)
+        fan = self._fanouts.get(channel)
+        snap = fan.snap if live and fan is not None else None
+        if snap is None:
+            snap = tuple(subs)
+        self._enqueue(channel, _Push(_PUB, pub, snap))
+        if live:
+            self._fanouts[channel].snap = snap
+
+    def _enqueue(self, channel: str, push: _Push) -> None:
+        fan = self._fanouts.get(channel)
+        if fan is None:
+            rq = self.runqueue
+            assert rq is not None  # (_chunked: no fan-out in progress needs a run queue)
+            fan = self._fanouts[channel] = _Fanout()
+            fan.queue.append(push)
+            fan.job = rq.submit(self._fanout_job(channel, fan), "fanout")
+            return
+        fan.queue.append(push)
+
+    def _fanout_job(self, channel: str, fan: _Fanout) -> Iterator[None]:
+        """The run-queue job of one channel: its queued pushes in order, FANOUT_STEP writes a
+        step. Ends when the queue is empty (a later push starts a new job)."""
+        queue = fan.queue
+        try:
+            while queue:
+                yield from self._deliver(channel, queue[0])
+                queue.popleft()
+        finally:
+            if self._fanouts.get(channel) is fan:
+                del self._fanouts[channel]
+
+    def _deliver(self, channel: str, push: _Push) -> Iterator[None]:
+        subs, gone = push.subs, push.gone
+        pub = push.obj if isinstance(push.obj, Publication) else None
+        if pub is not None:
+            self.chunked_fanouts += 1
+        jbytes: bytes | None = None
+        pbytes: bytes | None = None
+        not_json = False
+        for i in range(0, len(subs), FANOUT_STEP):
+            written = 0
+            for s in subs[i : i + FANOUT_STEP]:
+                if s.closed or s in gone:  # left (or closed) since this was published
+                    continue
+                if s.codec is JSON_CODEC:
+                    if jbytes is None and not not_json:
+                        try:
+                            jbytes = self._encode(JSON_CODEC, channel, push)
+                        except NotJSON:
+                            not_json = True
+                    if jbytes is None:
+                        s.disconnect(DISCONNECT_INAPPROPRIATE_PROTOCOL)
+                        continue
+                    s.transport.write(jbytes)
+                else:
+                    if pbytes is None:
+                        pbytes = self._encode(PROTOBUF_CODEC, channel, push)
+                    s.transport.write(pbytes)
+                written += 1
+            if pub is not None:
+                self.fanout_writes += written
+                if pub.time_ms and written:
+                    self.delivery_latency.observe_n(time.time() - pub.time_ms / 1000, written)
+            yield
+
+    @staticmethod
+    def _encode(codec: Any, channel: str, push: _Push) -> bytes:
+        obj = push.obj
+        out: bytes
+        if push.kind == _PUB:
+            out = codec.encode_publication(channel, obj)
+        elif push.kind == _JOIN:
+            out = codec.encode_join(channel, obj)
+        else:
+            out = codec.encode_leave(channel, obj)
+        return out
 
     def handle_join(self, channel: str, info: ClientInfo) -> None:
         self._push_info(channel, info, leave=False)

@@ -63,3 +63,12 @@ class PresenceStore:
 
     def channels(self) -> int:
         return len(self._clients)
+
+    def names(self) -> list[str]:
+        """The channels that have presence entries here."""
+        return list(self._clients)
+
+    def drop(self, channel: str) -> None:
+        """Forget a channel's presence (its owner moved to another worker)."""
+        self._clients.pop(channel, None)
+        self._users.pop(channel, None)

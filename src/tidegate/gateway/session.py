@@ -193,6 +193,7 @@ class ClientSession:
         "_subs",
         "_wbuf",
         "_busy",
+        "_priority",
     )
 
     def __init__(self, transport: Transport, node: Node, fmt: str = "json") -> None:
@@ -210,6 +211,7 @@ class ClientSession:
         self._subs: list[Any] | None = None
         self._wbuf: list[bytes] | None = None  # replies of the frame being processed
         self._busy: _Busy | None = None
+        self._priority = 0  # eviction class from the token (gateway/eviction.py)
 
     # ---- properties ---------------------------------------------------------------------
     @property
@@ -227,6 +229,16 @@ class ClientSession:
     @property
     def closed(self) -> bool:
         return bool(self._flags & _CLOSED)
+
+    @property
+    def subscribed(self) -> bool:
+        """Subscribed to at least one channel (cheaper than ``channels()``)."""
+        return self._subs is not None
+
+    @property
+    def eviction_priority(self) -> int:
+        """The eviction class the connect token asked for (0 without one)."""
+        return self._priority
 
     @property
     def busy(self) -> bool:
@@ -880,6 +892,7 @@ class ClientSession:
             except InvalidToken:
                 raise DisconnectError(DISCONNECT_INVALID_TOKEN) from None
             user, exp, info, channels = tok.user, tok.exp, tok.info, tok.channels
+            self._priority = tok.priority
         elif not cfg.allow_anonymous:
             raise error(ERROR_UNAUTHORIZED)
         self._client = node.new_client_id()

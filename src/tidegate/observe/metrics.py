@@ -70,6 +70,8 @@ class TidegateCollector:
             ("tidegate_bytes_in", "bytes_in", "Bytes read from clients."),
             ("tidegate_bytes_out", "bytes_out", "Bytes written to clients."),
             ("tidegate_messages_out", "writes", "Messages (writes) sent to clients."),
+            ("tidegate_migrated_in", "migrated_in", "Connections taken from other workers."),
+            ("tidegate_migrated_out", "migrated_out", "Connections given to other workers."),
         ):
             fam = CounterMetricFamily(name, doc, labels=["worker"])
             for idx, s in w:
@@ -113,6 +115,7 @@ class TidegateCollector:
         for idx, s in w:
             stalls.add_metric([idx], s.get("stall", {}).get("stalls_total", 0))
         yield stalls
+        yield from _eviction_metrics(w)
 
         busy = GaugeMetricFamily("tidegate_blocking_pool_busy", "Blocking-pool threads busy.",
                                  labels=["worker"])
@@ -132,6 +135,38 @@ class TidegateCollector:
         ready.add_metric([], 1 if sup.get("ready") else 0)
         yield ready
         yield from _app_metrics(w)
+
+
+def _eviction_metrics(w: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
+    """The L3 eviction controller (engine/eviction.py): sheds by class, summed over workers
+    (labels: the handler's bounded classes), and per worker its state and pressure."""
+    evicted = CounterMetricFamily("tidegate_evictions",
+                                  "Connections shed by the eviction controller, by class.",
+                                  labels=["class"])
+    would = CounterMetricFamily("tidegate_evictions_dry_run",
+                                "Connections the eviction controller would have shed (dry run).",
+                                labels=["class"])
+    shedding = GaugeMetricFamily("tidegate_eviction_shedding",
+                                 "1 while the worker is above an eviction ceiling and shedding.",
+                                 labels=["worker"])
+    ratio = GaugeMetricFamily("tidegate_eviction_pressure_ratio",
+                              "Last measurement / its eviction ceiling (1 = at the ceiling).",
+                              labels=["worker", "resource"])
+    totals: dict[str, dict[str, int]] = {"evictions": {}, "would_evict": {}}
+    for idx, s in w:
+        ev = s.get("eviction")
+        if not ev:
+            continue
+        for key, merged in totals.items():
+            for cls, n in ev.get(key, {}).items():
+                merged[cls] = merged.get(cls, 0) + n
+        shedding.add_metric([idx], 1 if ev.get("shedding") else 0)
+        for resource, r in sorted(ev.get("pressure", {}).items()):
+            ratio.add_metric([idx, resource], r)
+    for fam, key in ((evicted, "evictions"), (would, "would_evict")):
+        for cls, n in sorted(totals[key].items()):
+            fam.add_metric([cls], n)
+    yield from (evicted, would, shedding, ratio)
 
 
 def _reason(reason: str) -> str:

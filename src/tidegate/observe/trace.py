@@ -62,7 +62,7 @@ Wiring:
 from __future__ import annotations
 
 import time
-from collections import deque
+from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -86,36 +86,67 @@ def now_us() -> int:
 
 
 class TraceRing:
-    """A bounded, append-only ring of lifecycle events (oldest dropped first)."""
+    """A bounded ring of lifecycle events (oldest overwritten first), allocated up front.
 
-    __slots__ = ("capacity", "_events", "_append")
+    Columns, not tuples: timestamps, durations and ids live in preallocated ``array('q')``
+    slots and kinds are shared strings, so the ring costs ~40 bytes per slot once, at start,
+    and nothing per connection. (A deque of event tuples with an args dict each grew by ~220
+    bytes per event until full: ~14 MiB per worker at 65,536 events, 760 bytes per connection
+    across 27 workers at 500k, and it showed up as +30% memory per connection in the
+    observability-on vs off benchmark.)
+    """
+
+    __slots__ = ("capacity", "_n", "_ts", "_dur", "_id", "_kind", "_args")
 
     def __init__(self, capacity: int = 65536) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
-        self._events: deque[Event] = deque(maxlen=capacity)
-        self._append = self._events.append
+        self._n = 0  # events ever recorded; the next goes to slot _n % capacity
+        zeros = bytes(8 * capacity)
+        self._ts = array("q", zeros)
+        self._dur = array("q", zeros)  # -1: an instant
+        self._id = array("q", zeros)  # -1: none
+        self._kind: list[str] = [""] * capacity
+        self._args: list[dict[str, Any] | None] = [None] * capacity
+
+    def _put(self, ts: int, kind: str, dur: int, id: int | None, args: dict[str, Any]) -> None:
+        i = self._n % self.capacity
+        self._n += 1
+        self._ts[i] = ts
+        self._dur[i] = dur
+        self._id[i] = -1 if id is None else id
+        self._kind[i] = kind
+        self._args[i] = args or None
 
     def record_instant(self, kind: str, id: int | None = None, **args: Any) -> None:
         """Record that ``kind`` happened now (to ``id``, with ``args``)."""
-        self._append((_ns() // 1000, kind, "i", id, 0, args))
+        self._put(_ns() // 1000, kind, -1, id, args)
 
     def record_span(
         self, kind: str, start_us: int, dur_us: int, id: int | None = None, **args: Any
     ) -> None:
         """Record that ``kind`` ran from ``start_us`` (see :func:`now_us`) for ``dur_us``."""
-        self._append((start_us, kind, "X", id, dur_us, args))
+        self._put(start_us, kind, max(0, dur_us), id, args)
 
     def __len__(self) -> int:
-        return len(self._events)
+        return min(self._n, self.capacity)
+
+    def _event(self, i: int) -> Event:
+        dur = self._dur[i]
+        ident = self._id[i]
+        return (self._ts[i], self._kind[i], "i" if dur < 0 else "X",
+                None if ident < 0 else ident, max(dur, 0), dict(self._args[i] or {}))
 
     def events(self) -> list[Event]:
         """The events held, in recording order (a copy)."""
-        return list(self._events.copy())
+        n, cap = self._n, self.capacity
+        return [self._event(j % cap) for j in range(max(0, n - cap), n)]
 
     def clear(self) -> None:
-        self._events.clear()
+        self._n = 0
+        for i in range(self.capacity):
+            self._args[i] = None
 
     def snapshot(self, since_us: int = 0, limit: int | None = None) -> list[list[Any]]:
         """Events that ended at or after ``since_us`` (the newest ``limit``), as JSON lists.
@@ -124,7 +155,7 @@ class TraceRing:
         ``since_us`` = the previous call's :func:`now_us` miss nothing; an event recorded in
         the very microsecond of that call may come twice.
         """
-        out = [list(e) for e in self._events.copy() if e[0] + e[4] >= since_us]
+        out = [list(e) for e in self.events() if e[0] + e[4] >= since_us]
         if limit is not None and len(out) > limit:
             out = out[len(out) - limit :]
         return out

@@ -11,6 +11,7 @@ exporter honours ``OTEL_EXPORTER_OTLP_ENDPOINT``) and ``tracing_sample_ratio``.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -22,10 +23,11 @@ _log = log.get("tracing")
 
 
 class _Tracing:
-    __slots__ = ("enabled", "tracer", "_propagator", "_provider")
+    __slots__ = ("enabled", "tracer", "_propagator", "_provider", "sample_ratio")
 
     def __init__(self) -> None:
         self.enabled = False
+        self.sample_ratio = 1.0
         self.tracer: Any = None
         self._propagator: Any = None
         self._provider: Any = None
@@ -43,18 +45,27 @@ class _Tracing:
             ConsoleSpanExporter,
             SimpleSpanProcessor,
         )
-        from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         resource = Resource.create({"service.name": service, "tidegate.worker": worker})
-        provider = TracerProvider(resource=resource, sampler=ParentBasedTraceIdRatio(sample_ratio))
+        # Roots are sampled by sample_root() before any span exists (an unsampled connect then
+        # costs one random() instead of three SDK span starts, measured ~+30% of a connect's
+        # CPU at ratio 0.01); the SDK keeps the parent's decision for everything else.
+        self.sample_ratio = sample_ratio
+        provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON))
         if exporter == "console":
             one_line = ConsoleSpanExporter(formatter=lambda span: span.to_json(indent=None) + "\n")
             provider.add_span_processor(SimpleSpanProcessor(one_line))
         elif exporter == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            # Export every second in small batches: the queue of finished spans is what tracing
+            # costs in memory (~4 KB a span until exported; the default 5 s x 2,048 spans grew a
+            # worker by ~3 MB at 1% sampling, +7.7% per connection at 18k per worker).
+            provider.add_span_processor(BatchSpanProcessor(
+                OTLPSpanExporter(), max_queue_size=1024, schedule_delay_millis=1000,
+                max_export_batch_size=256))
         else:
             raise ValueError(f"tracing_exporter must be none, console or otlp, not {exporter!r}")
         self._provider = provider
@@ -70,6 +81,10 @@ class _Tracing:
         self.tracer = provider.get_tracer("tidegate")
         self._propagator = TraceContextTextMapPropagator()
         self.enabled = True
+
+    def sample_root(self) -> bool:
+        """Whether a new trace (no caller's context) is recorded: ``tracing_sample_ratio``."""
+        return self.enabled and (self.sample_ratio >= 1.0 or random.random() < self.sample_ratio)
 
     def context_from(self, traceparent: str | None) -> Any:
         if not traceparent:

@@ -51,6 +51,8 @@ def build(
 
     def on_boot(worker: Worker) -> None:
         broker.attach(worker)
+        # big channels' fan-out in run-queue slices (--slice-ms 0: inline, in one go)
+        node.hub.use_runqueue(worker.runqueue, worker.opts.fanout_chunk_subscribers)
         broker.register_service("debug_leaks", worker.leak_report)
         broker.register_service(
             "debug_trace",
@@ -80,6 +82,7 @@ def engine_options_for(config: GatewayConfig, base: EngineOptions) -> EngineOpti
     base.ping_interval_s = config.ping_interval_s
     base.pong_timeout_s = config.pong_timeout_s
     base.max_write_buffer_bytes = config.client_queue_max_bytes
+    base.max_write_buffer_messages = config.client_queue_max_messages
     base.metrics_port = config.metrics_port
     return base
 

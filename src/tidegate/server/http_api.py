@@ -138,9 +138,10 @@ class HttpApi:
         if fn is None:
             self._count("method_not_found")
             return 200, _err(ERROR_METHOD_NOT_FOUND, "method not found")
-        if not TRACING.enabled:
+        traceparent = headers.get("traceparent") if TRACING.enabled else None
+        if not traceparent and not TRACING.sample_root():  # a caller's trace is always followed
             return await self._call(name, fn, params)
-        parent = TRACING.context_from(headers.get("traceparent"))
+        parent = TRACING.context_from(traceparent)
         with TRACING.span(f"api.{name}", parent, **_span_attrs(params)) as span:
             token = PUBLISH_TRACEPARENT.set(TRACING.traceparent(span))
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from tidegate.engine.conn import Conn
 from tidegate.engine.handler import EventHandler
+from tidegate.gateway import eviction
 from tidegate.gateway.codes import DISCONNECT_SHUTDOWN, ProtocolError
 from tidegate.gateway.node import Node
 from tidegate.gateway.session import ClientSession
@@ -38,6 +39,7 @@ class TcpApp(EventHandler):
         self.node = node
         self.max_message_bytes = max_message_bytes
         self.lines = LineCodec(max_message_bytes)
+        self.eviction = eviction.EvictionPolicy(node.config)
 
     def on_traffic(self, c: Conn) -> None:
         session = c.context
@@ -91,6 +93,26 @@ class TcpApp(EventHandler):
         if isinstance(session, ClientSession) and not session.closed:
             session.disconnect(DISCONNECT_SHUTDOWN)
         c.close("drain")
+
+    # ---- load shedding (engine/eviction.py, gateway/eviction.py) --------------------------
+    def eviction_rank(self, c: Conn) -> tuple[int, int, int] | None:
+        session = c.context
+        if type(session) is not ClientSession:
+            return (-2, 0, c._last_rx)  # not a word yet: the cheapest to shed
+        return self.eviction.rank(session, c._last_rx)
+
+    def eviction_class(self, c: Conn) -> str:
+        session = c.context
+        return self.eviction.label(session) if type(session) is ClientSession else "connecting"
+
+    def evict(self, c: Conn, delay_s: float) -> None:
+        session = c.context
+        if isinstance(session, ClientSession) and not session.closed:
+            # No close frame on raw TCP: the disconnect push says "reconnect, later".
+            d = eviction.disconnect(delay_s)
+            session.transport.write(session.codec.encode_disconnect(d.code, d.reason, True))
+            session.disconnect(d)
+        c.close("evicted")
 
     def ping_frame(self, c: Conn) -> bytes | None:
         session = c.context

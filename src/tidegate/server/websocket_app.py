@@ -20,6 +20,7 @@ from typing import Any
 from tidegate import log
 from tidegate.engine.conn import CLOSING, READY, Conn
 from tidegate.engine.handler import EventHandler
+from tidegate.gateway import eviction
 from tidegate.gateway.codes import DISCONNECT_SHUTDOWN
 from tidegate.gateway.config import GatewayConfig
 from tidegate.gateway.node import Node
@@ -67,6 +68,7 @@ class WebSocketApp(EventHandler):
         self.messages_in = 0
         self.live_sessions = 0
         self.rejected: dict[str, int] = {}
+        self.eviction = eviction.EvictionPolicy(node.config)
 
     def sessions(self) -> int:
         return self.live_sessions
@@ -165,6 +167,23 @@ class WebSocketApp(EventHandler):
         if isinstance(ctx, ClientSession) and not ctx.closed:
             ctx.disconnect(DISCONNECT_SHUTDOWN)  # 3001: the SDK reconnects, elsewhere
         c.close("drain")
+
+    # ---- load shedding (engine/eviction.py, gateway/eviction.py) --------------------------
+    def eviction_rank(self, c: Conn) -> tuple[int, int, int] | None:
+        ctx = c.context
+        if type(ctx) is not ClientSession:
+            return None  # the HTTP API (a publisher's connection), not a client
+        return self.eviction.rank(ctx, c._last_rx)
+
+    def eviction_class(self, c: Conn) -> str:
+        ctx = c.context
+        return self.eviction.label(ctx) if type(ctx) is ClientSession else "other"
+
+    def evict(self, c: Conn, delay_s: float) -> None:
+        ctx = c.context
+        if isinstance(ctx, ClientSession) and not ctx.closed:
+            ctx.disconnect(eviction.disconnect(delay_s))  # the close frame: 3011, with the hint
+        c.close("evicted")
 
     def ping_frame(self, c: Conn) -> bytes | None:
         ctx = c.context
@@ -275,7 +294,7 @@ class WebSocketApp(EventHandler):
             c.close("http_done")
 
     def _upgrade(self, c: Conn, req: Any, body_pos: int) -> bool:
-        if not TRACING.enabled:
+        if not TRACING.sample_root():
             return self._do_upgrade(c, req, body_pos)
         root = TRACING.start("ws.connect", None, **{"tidegate.transport": "websocket"})
         with TRACING.span("ws.handshake", root):
