@@ -323,3 +323,15 @@ def test_a_stalled_worker_does_not_time_out_clients_that_answered(serve):
     srv.wait_stats(lambda st: st["worker_stats"][0]["active"] == 20)
     assert "ping_timeout" not in srv.closes()
     assert all(echo_ok(s) for s in conns)
+
+
+def test_supervisor_runs_at_a_higher_priority_than_its_workers(serve):
+    # Under CPU overload the control plane (/metrics, restarts) must still get its turn.
+    srv = serve("--workers", "2")
+    st = srv.status()
+
+    def nice(pid: int) -> int:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[16])
+
+    assert all(nice(pid) == os.getpriority(os.PRIO_PROCESS, 0) for pid in st["workers"])
+    assert nice(st["pid"]) == os.getpriority(os.PRIO_PROCESS, 0) - 5

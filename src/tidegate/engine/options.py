@@ -106,6 +106,11 @@ class EngineOptions:
     trace_ring_events: int = 65536
     # /metrics (Prometheus) served by the supervisor on this port; 0 = off.
     metrics_port: int = 0
+    # The supervisor's niceness relative to the workers' (they keep the one the node started
+    # with). Under CPU overload the control plane (/metrics, restarts, stealing) still gets
+    # its turn: at 486k connections a scrape took ~1 s at equal priority. Needs CAP_SYS_NICE;
+    # without it the supervisor stays at the workers' priority (logged once).
+    supervisor_nice: int = -5
     # Where the supervisor writes its JSON status (pids, port, ready); "" = nowhere.
     status_file: str = ""
 

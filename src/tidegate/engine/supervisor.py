@@ -8,6 +8,7 @@ accepts connections and passes each socket to the least-loaded worker over SCM_R
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import selectors
@@ -98,6 +99,7 @@ class Supervisor:
             self._listens.append(sock)
             self.ports.append(sock.getsockname()[1])
         self.port = self.ports[0]
+        self._base_nice = os.getpriority(os.PRIO_PROCESS, 0)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -125,6 +127,9 @@ class Supervisor:
         self.slots = [WorkerSlot(i) for i in range(n)]
         for slot in self.slots:
             self._spawn(slot)
+        # After the first forks, before the metrics thread starts (it inherits it; children
+        # go back to _base_nice in _in_child).
+        self._raise_priority()
         if self.opts.metrics_port:
             from tidegate.observe import metrics
 
@@ -189,8 +194,18 @@ class Supervisor:
         self._sel.register(parent_end, selectors.EVENT_READ, slot)
         _log.info("worker started", extra={"worker": slot.index, "worker_pid": pid})
 
+    def _raise_priority(self) -> None:
+        if not self.opts.supervisor_nice:
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, self._base_nice + self.opts.supervisor_nice)
+        except OSError as exc:
+            _log.warning("supervisor priority unchanged", extra={"error": str(exc)})
+
     def _in_child(self) -> None:
         """Drop everything that belongs to the supervisor before the worker's loop starts."""
+        with contextlib.suppress(OSError):  # the workers keep the node's own priority
+            os.setpriority(os.PRIO_PROCESS, 0, self._base_nice)
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
