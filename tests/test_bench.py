@@ -406,6 +406,23 @@ def test_bench_run_against_its_own_server(tmp_path: Path) -> None:
     assert "/metrics scrape ms" in output
 
 
+def test_bench_freezes_clients_and_the_server_closes_exactly_theirs(tmp_path: Path) -> None:
+    # A quarter of the clients die without a FIN (SIGSTOP): the server's heartbeat must close
+    # each of their connections, and nobody else's.
+    code, r, output = _bench(tmp_path, "--connections", "2000", "--clients", "4", "--hold", "20",
+                             "--ping-interval", "1", "--server-ping-interval", "2",
+                             "--pong-timeout", "2", "--freeze-fraction", "0.25",
+                             "--freeze-at", "1", "--no-progress")
+    assert code == 0, output
+    assert r["frozen_clients"] == 1 and r["frozen_connections"] == 500
+    assert r["frozen_detected"] == 500 and r["frozen_detect_seconds"] is not None
+    assert r["frozen_close_reasons"] == {"ping_timeout": 500}
+    assert r["connections_held"] == 1500
+    assert r["unexpected_closes"] == 0 and r["heartbeat_missed"] == 0 and r["errors_total"] == 0
+    assert r["frozen_clients_unexpected_closes"] == 500  # what the frozen client saw on waking
+    assert "frozen clients" in output
+
+
 def test_bench_run_with_target(tmp_path: Path, serve: Any) -> None:
     srv = serve("--connections", "1500", "--workers", "2")
     n = 1500

@@ -88,6 +88,22 @@ def test_silent_client_is_pinged_then_closed(serve):
     srv.wait_stats(lambda st: srv.closes().get("ping_timeout") == 1)
 
 
+def test_first_ping_follows_the_ping_interval_not_the_handshake_timeout(serve):
+    # A client that dies right after its handshake must be found within ping + pong timeout,
+    # even when the handshake timeout is longer than the ping interval.
+    srv = serve("--workers", "1", "--tick-s", "0.1", "--ping-interval-s", "1",
+                "--pong-timeout-s", "1", "--handshake-timeout-s", "30")
+    s = connect(srv.port)
+    s.sendall(frame(DATA, b"ready"))
+    assert recv_frame(s) == bytes([DATA]) + b"ready"
+    t0 = time.monotonic()
+    s.settimeout(20)
+    assert recv_frame(s)[0] == PING
+    assert time.monotonic() - t0 < 15  # not the 30 s handshake deadline
+    wait_closed(s)
+    srv.wait_stats(lambda st: srv.closes().get("ping_timeout") == 1)
+
+
 def test_client_answering_pings_stays_connected(serve):
     srv = serve("--workers", "1", *FAST)
     s = connect(srv.port)

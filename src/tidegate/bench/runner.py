@@ -94,6 +94,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="connections to open and hold (default: 10000)")
     g.add_argument("--hold", type=_non_negative_float, default=30.0, metavar="SECONDS",
                    help="how long to hold them once connected (default: 30)")
+    g.add_argument("--freeze-fraction", type=_non_negative_float, default=0.0, metavar="F",
+                   help="kill this share of the client processes without a FIN during the hold "
+                   "(SIGSTOP: their connections go silent, the kernel still ACKs), and report "
+                   "how long the server takes to find and close each of their connections "
+                   "while the others stay untouched; the hold must outlast the server's ping "
+                   "interval plus pong timeout (default: 0)")
+    g.add_argument("--freeze-at", type=_non_negative_float, default=2.0, metavar="SECONDS",
+                   help="when into the hold the clients are frozen (default: 2)")
     g.add_argument("--ping-interval", type=_positive_float, default=25.0, metavar="SECONDS",
                    help="each connection pings this often, spread evenly (default: 25)")
     g.add_argument("--pong-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
@@ -307,6 +315,7 @@ class MetricsScraper:
         self.task: asyncio.Task[None] | None = None
         self.t0 = 0.0
         self.stats_cpu0: float | None = None
+        self.stats_t0 = 0.0
         self.supervisor_cpu0: float | None = None
 
     @property
@@ -327,7 +336,7 @@ class MetricsScraper:
         if not self.enabled:
             return
         assert self.server is not None
-        self.t0 = time.monotonic()
+        self.t0 = self.stats_t0 = time.monotonic()
         self.stats_cpu0 = self._stats_cpu()
         self.supervisor_cpu0 = procstat.cpu_seconds(self.server.pid) if self.server.pid else None
         self.task = asyncio.create_task(self._run())
@@ -344,9 +353,15 @@ class MetricsScraper:
         self.sizes.append(len(body))
 
     async def _run(self) -> None:
+        next_scrape = time.monotonic()
         while True:
-            await asyncio.to_thread(self._scrape)
-            await asyncio.sleep(self.interval)
+            if self.stats_cpu0 is None:  # until every worker has reported its stats once
+                self.stats_cpu0 = self._stats_cpu()
+                self.stats_t0 = time.monotonic()
+            if time.monotonic() >= next_scrape:
+                await asyncio.to_thread(self._scrape)
+                next_scrape += self.interval
+            await asyncio.sleep(0.25)
 
     async def finish(self) -> dict[str, Any]:
         if self.task is None:
@@ -356,6 +371,7 @@ class MetricsScraper:
             await self.task
         assert self.server is not None
         elapsed = time.monotonic() - self.t0
+        stats_elapsed = time.monotonic() - self.stats_t0
         stats_cpu1 = self._stats_cpu()
         workers = len(self.server.workers) or 1
         supervisor_cpu1 = procstat.cpu_seconds(self.server.pid) if self.server.pid else None
@@ -368,8 +384,8 @@ class MetricsScraper:
             "metrics_scrape_ms_max": round(d[-1], 2) if d else None,
             "metrics_scrape_bytes": max(self.sizes) if self.sizes else None,
             "server_stats_cpu_percent_per_worker": (
-                None if stats_cpu1 is None or self.stats_cpu0 is None or elapsed <= 0
-                else round(100 * (stats_cpu1 - self.stats_cpu0) / elapsed / workers, 3)),
+                None if stats_cpu1 is None or self.stats_cpu0 is None or stats_elapsed <= 0
+                else round(100 * (stats_cpu1 - self.stats_cpu0) / stats_elapsed / workers, 3)),
             "server_supervisor_cpu_percent_hold": (
                 None if supervisor_cpu1 is None or self.supervisor_cpu0 is None or elapsed <= 0
                 else round(100 * (supervisor_cpu1 - self.supervisor_cpu0) / elapsed, 3)),
@@ -479,6 +495,7 @@ class Client:
     fatal: str | None = None
     reader: asyncio.Task[None] | None = None
     window_rtt_max_us: int = 0  # the largest RTT reported since the runner last took it
+    frozen_open: int | None = None  # --freeze-fraction: its open connections when stopped
 
     def take_rtt_max(self) -> int:
         value, self.window_rtt_max_us = self.window_rtt_max_us, 0
@@ -1061,6 +1078,8 @@ class Bench:
                      else None)
         scraper = MetricsScraper(self.server, self.metrics_port, a.scrape_interval)
         scraper.start()
+        freezer = (asyncio.create_task(self.freeze_phase(t0)) if a.freeze_fraction > 0
+                   else None)
         try:
             while True:
                 now = time.monotonic()
@@ -1116,6 +1135,12 @@ class Bench:
         self.phases["hold"] = time.monotonic() - t0
         self.report["hold_seconds"] = round(time.monotonic() - t0, 3)
         self.report.update(await scraper.finish())
+        if freezer is not None:
+            if not freezer.done():
+                freezer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await freezer
+            self.thaw()
         held = held or {}
         r = self.report
         r["server_rss_bytes_held"] = held.get("rss")
@@ -1329,6 +1354,69 @@ class Bench:
             "supervisor + workers, all threads (schedstat), from the first publication until "
             "the runner saw the last delivery, divided by the deliveries")
 
+    def _server_closes(self) -> dict[str, int] | None:
+        if self.server is None or not self.server.status_path:
+            return None
+        self.server.refresh()
+        stats = self.server.status.get("worker_stats") or []
+        out: dict[str, int] = {}
+        for w in stats:
+            for reason, n in (w.get("closes") or {}).items():
+                out[reason] = out.get(reason, 0) + int(n)
+        return out
+
+    async def freeze_phase(self, hold_t0: float) -> None:
+        """--freeze-fraction: SIGSTOP some client processes (clients that die without a FIN)
+        and follow the server's closes until it has closed as many connections as they held.
+
+        The kernel of a stopped process still ACKs, so TCP keepalive (L1) sees nothing; the
+        server's heartbeat (L2: ping after ``ping_interval_s`` of silence, close after
+        ``pong_timeout_s``) is what must find them. Closes are read from the server's status
+        file (refreshed about once a second), so the times have ~1 s resolution.
+        """
+        a = self.args
+        r = self.report
+        await asyncio.sleep(max(0.0, hold_t0 + a.freeze_at - time.monotonic()))
+        count = max(1, round(a.freeze_fraction * len(self.clients)))
+        victims = self.clients[-count:]
+        before = self._server_closes()
+        t_freeze = time.monotonic()
+        for c in victims:
+            c.frozen_open = int(c.latest.get("open", 0))
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c.proc.pid, signal.SIGSTOP)
+        frozen = sum(c.frozen_open or 0 for c in victims)
+        r["frozen_clients"] = count
+        r["frozen_connections"] = frozen
+        r["frozen_at_hold_second"] = round(t_freeze - hold_t0, 3)
+        r["frozen_detected"] = 0
+        r["frozen_detect_seconds"] = None
+        r["frozen_detect_timeline"] = []
+        if before is None:
+            r["frozen_detect_scope"] = "unknown: no server status file"
+            return
+        r["frozen_detect_scope"] = (
+            "server closes (all reasons) counted from the freeze, read from its status file "
+            "about once a second")
+        while True:
+            await asyncio.sleep(0.5)
+            now_closes = self._server_closes() or {}
+            closed = sum(now_closes.values()) - sum(before.values())
+            by_reason = {k: v - before.get(k, 0) for k, v in now_closes.items()
+                         if v - before.get(k, 0) > 0}
+            r["frozen_detected"] = closed
+            r["frozen_close_reasons"] = by_reason
+            r["frozen_detect_timeline"].append([round(time.monotonic() - t_freeze, 1), closed])
+            if closed >= frozen:
+                r["frozen_detect_seconds"] = round(time.monotonic() - t_freeze, 2)
+                return
+
+    def thaw(self) -> None:
+        for c in self.clients:
+            if c.frozen_open is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(c.proc.pid, signal.SIGCONT)
+
     async def close_phase(self) -> None:
         t0 = time.monotonic()
         for c in self.clients:
@@ -1363,7 +1451,17 @@ class Bench:
 
     def collect_client_finals(self) -> None:
         r = self.report
-        finals = [c.final for c in self.clients if c.final is not None]
+        # Frozen clients (--freeze-fraction) lost their connections to the server's liveness
+        # checks on purpose: their figures are reported apart, not as failures.
+        frozen_finals = [c.final for c in self.clients
+                         if c.final is not None and c.frozen_open is not None]
+        if any(c.frozen_open is not None for c in self.clients):
+            r["frozen_clients_unexpected_closes"] = sum(
+                int(f.get("unexpected_closes", 0)) for f in frozen_finals)
+            r["frozen_clients_heartbeat_missed"] = sum(
+                int(f.get("missed", 0)) for f in frozen_finals)
+        finals = [c.final for c in self.clients
+                  if c.final is not None and c.frozen_open is None]
         missing = [c.plan.index for c in self.clients if c.final is None]
         if missing:
             self.failures.append(f"no final report from client processes {missing}")
@@ -1531,8 +1629,13 @@ class Bench:
         if r.get("connections_established", 0) != target:
             self.failures.append(
                 f"established {r.get('connections_established')} of {target} connections")
-        if n_held != target:
-            self.failures.append(f"held {n_held} of {target} connections")
+        frozen = r.get("frozen_connections")
+        if n_held != target - (frozen or 0):
+            self.failures.append(f"held {n_held} of {target - (frozen or 0)} connections"
+                                 + (f" (target minus {frozen} frozen)" if frozen else ""))
+        if frozen is not None and r.get("frozen_detect_seconds") is None:
+            self.failures.append(f"the server closed {r.get('frozen_detected')} of the {frozen} "
+                                 "connections of frozen clients before the hold ended")
         for key in ("unexpected_closes", "errors_total", "heartbeat_missed", "hellos_unanswered",
                     "deliveries_lost", "deliveries_unexpected", "deliveries_duplicated",
                     "deliveries_out_of_order", "protocol_errors"):
@@ -1601,6 +1704,11 @@ class Bench:
         line("server marginal bytes per connection", r.get("server_marginal_bytes_per_connection"))
         line("kernel slab delta (MiB)", _mib(r.get("kernel_slab_bytes_delta")))
         line("server cpu seconds", r.get("server_cpu_seconds"))
+        if r.get("frozen_clients"):
+            line("frozen clients / connections / closed by server",
+                 f"{r.get('frozen_clients')} / {r.get('frozen_connections')} / "
+                 f"{r.get('frozen_detected')} in {r.get('frozen_detect_seconds')} s "
+                 f"{r.get('frozen_close_reasons') or ''}")
         if r.get("metrics_scrapes"):
             line("/metrics scrape ms p50 / max (bytes)", f"{r.get('metrics_scrape_ms_p50')} / "
                  f"{r.get('metrics_scrape_ms_max')} ({r.get('metrics_scrape_bytes')})")

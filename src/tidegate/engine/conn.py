@@ -210,7 +210,9 @@ class Conn(asyncio.BufferedProtocol):
     # ---- state ----------------------------------------------------------------------
     def ready(self) -> None:
         """Mark the handshake done: heartbeats replace the handshake deadline."""
-        self._flags |= READY
+        if not self._flags & READY:
+            self._flags |= READY
+            self._w.heartbeat_from_now(self)
 
     @property
     def is_ready(self) -> bool:

@@ -230,6 +230,15 @@ class Worker:
         rtt_ms = (self.loop.time() - self._t0) * 1000 - c._ping_ms
         self.heartbeat_rtt.observe(rtt_ms / 1000)
 
+    def heartbeat_from_now(self, c: Conn) -> None:
+        """A connection just became ready: its next check is its first heartbeat's, not the
+        handshake deadline (which comes later than a short ping interval: with
+        ``ping_interval_s`` 2 and ``handshake_timeout_s`` 10, a client that died right after
+        its handshake was found after ~12 s instead of ~4)."""
+        if c._wslot >= 0 and not c._flags & CLOSING:
+            self.wheel.cancel(c)
+            self.wheel.schedule(c, c._last_rx + self._ping_ticks + 2)
+
     def linger(self, c: Conn) -> None:
         """Give a closing connection ``linger_s`` to close its side before we abort it."""
         self.wheel.cancel(c)
