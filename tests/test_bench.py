@@ -423,6 +423,21 @@ def test_bench_freezes_clients_and_the_server_closes_exactly_theirs(tmp_path: Pa
     assert "frozen clients" in output
 
 
+def test_bench_drain_spreads_the_goodbyes_over_the_window(tmp_path: Path) -> None:
+    # A redeploy: SIGTERM mid-hold. Every client gets the server's goodbye (none is cut off at
+    # the deadline), spread over --drain-s rather than all at once.
+    code, r, output = _bench(tmp_path, "--connections", "2000", "--clients", "2", "--hold", "15",
+                             "--ping-interval", "1", "--drain-at", "1", "--server-arg=--drain-s",
+                             "--server-arg=4", "--no-progress")
+    assert code == 0, output
+    assert r["drain_connections"] == 2000 and r["drain_server_closes"] == 2000
+    per_second = r["drain_closes_per_second"]
+    assert sum(per_second) == 2000
+    assert len(per_second) >= 3 and max(per_second) <= 0.6 * 2000  # no thundering herd
+    assert r["unexpected_closes"] == 0 and r["heartbeat_missed"] == 0 and r["errors_total"] == 0
+    assert "drained connections" in output
+
+
 def test_bench_run_with_target(tmp_path: Path, serve: Any) -> None:
     srv = serve("--connections", "1500", "--workers", "2")
     n = 1500

@@ -150,6 +150,8 @@ class Stats:
         "connect_us",
         "first_established_ns",
         "last_established_ns",
+        "closes_expected",
+        "server_closes",
     )
 
     def __init__(self) -> None:
@@ -182,6 +184,10 @@ class Stats:
         self.connect_us = Histogram()
         self.first_established_ns = 0
         self.last_established_ns = 0
+        # After the runner's "expect_close" (the server is draining): closes by the server are
+        # its goodbyes, counted in server_closes, not failures.
+        self.closes_expected = False
+        self.server_closes = 0
 
     def error(self, reason: str) -> None:
         self.errors[reason] = self.errors.get(reason, 0) + 1
@@ -197,6 +203,21 @@ class Stats:
             self.rtt_connect_phase_us.record(rtt_us)
         self.pongs += 1
         self.outstanding -= 1
+
+    def gone(self, reason: str | None, ping_outstanding: bool) -> None:
+        """An open connection ended; ``reason`` when the server (or the network) ended it,
+        None when we closed it; ``ping_outstanding``: our ping on it was never answered."""
+        self.open -= 1
+        if ping_outstanding:
+            self.outstanding -= 1
+        if self.closes_expected:
+            if reason is not None:
+                self.server_closes += 1
+            return
+        if reason is not None:
+            self.unexpected_close(reason)
+        if ping_outstanding:
+            self.missed += 1  # the connection went before answering: it never will
 
     def unexpected_close(self, reason: str) -> None:
         self.unexpected_closes += 1
@@ -216,6 +237,7 @@ class Stats:
             "outstanding": self.outstanding,
             "server_pings": self.server_pings,
             "confirmed": self.confirmed,
+            "server_closes": self.server_closes,
         }
 
 
@@ -380,14 +402,9 @@ class RawConnection(asyncio.Protocol):
                     errno.ECONNRESET, "closed by the server before answering the first ping"))
         if state == PENDING or state == CLOSED:
             return
-        stats.open -= 1
-        if state == OPEN:
-            stats.unexpected_close("eof" if exc is None else error_reason(exc))
-        if self.ping_sent:
-            # The connection went before answering: that ping will never be answered.
-            stats.missed += 1
-            stats.outstanding -= 1
-            self.ping_sent = 0
+        stats.gone(("eof" if exc is None else error_reason(exc)) if state == OPEN else None,
+                   self.ping_sent != 0)
+        self.ping_sent = 0
 
     def ping(self, token_ns: int) -> bool:
         transport = self.transport
@@ -761,14 +778,9 @@ class WsConnection(asyncio.Protocol):
                         errno.ECONNRESET, "closed by the server during the ws handshake"))
         if state == PENDING or state == CLOSED:
             return
-        stats.open -= 1
-        if state == OPEN:
-            stats.unexpected_close(
-                f"ws_close_{code}" if code else "eof" if exc is None else error_reason(exc))
-        if self.ping_sent:
-            stats.missed += 1
-            stats.outstanding -= 1
-            self.ping_sent = 0
+        reason = f"ws_close_{code}" if code else "eof" if exc is None else error_reason(exc)
+        stats.gone(reason if state == OPEN else None, self.ping_sent != 0)
+        self.ping_sent = 0
 
     # ---- what the wheel and the process call
     def ping(self, token_ns: int) -> bool:
@@ -997,6 +1009,8 @@ class Control:
                 self.stats.hold_since_ns = time.monotonic_ns()
             elif command == "halt":
                 self.halt.set()
+            elif command == "expect_close":  # the server drains: its closes are goodbyes
+                self.stats.closes_expected = True
             elif command == "subscribed":
                 # Before a broadcast: the connections that are up now are the ones expected
                 # to get every publication.

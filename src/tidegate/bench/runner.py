@@ -102,6 +102,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "interval plus pong timeout (default: 0)")
     g.add_argument("--freeze-at", type=_non_negative_float, default=2.0, metavar="SECONDS",
                    help="when into the hold the clients are frozen (default: 2)")
+    g.add_argument("--drain-at", type=_non_negative_float, default=0.0, metavar="SECONDS",
+                   help="SIGTERM the server this far into the hold (a redeploy) and report how "
+                   "its graceful drain spread the disconnects: closes per second until every "
+                   "client is gone (the server's --drain-s sets the window; pass it with "
+                   "--server-arg); only for a server the bench starts; 0 = no drain (default)")
     g.add_argument("--ping-interval", type=_positive_float, default=25.0, metavar="SECONDS",
                    help="each connection pings this often, spread evenly (default: 25)")
     g.add_argument("--pong-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
@@ -1080,6 +1085,9 @@ class Bench:
         scraper.start()
         freezer = (asyncio.create_task(self.freeze_phase(t0)) if a.freeze_fraction > 0
                    else None)
+        drainer = (asyncio.create_task(self.drain_phase(t0))
+                   if a.drain_at > 0 and self.server is not None and self.server.started
+                   else None)
         try:
             while True:
                 now = time.monotonic()
@@ -1107,7 +1115,8 @@ class Bench:
                         procstat.rss_bytes(c.proc.pid) for c in self.clients)
                     held["open"] = _sum(self.clients, "open")
                     now = time.monotonic()
-                if self.server is not None and not server_died and not self.server.alive():
+                if (self.server is not None and not server_died and drainer is None
+                        and not self.server.alive()):
                     server_died = True
                     self.failures.append("the server exited during the hold")
                 bar.update(min(now - t0, a.hold), open=_sum(self.clients, "open"),
@@ -1135,6 +1144,12 @@ class Bench:
         self.phases["hold"] = time.monotonic() - t0
         self.report["hold_seconds"] = round(time.monotonic() - t0, 3)
         self.report.update(await scraper.finish())
+        if drainer is not None:
+            if not drainer.done():
+                drainer.cancel()
+                self.failures.append("the drain did not end within the hold")
+            with contextlib.suppress(asyncio.CancelledError):
+                await drainer
         if freezer is not None:
             if not freezer.done():
                 freezer.cancel()
@@ -1411,6 +1426,36 @@ class Bench:
                 r["frozen_detect_seconds"] = round(time.monotonic() - t_freeze, 2)
                 return
 
+    async def drain_phase(self, hold_t0: float) -> None:
+        """--drain-at: SIGTERM the server (a redeploy) and count the clients' connections as
+        its graceful drain closes them, second by second, until none is left."""
+        a = self.args
+        r = self.report
+        assert self.server is not None and self.server.pid
+        await asyncio.sleep(max(0.0, hold_t0 + a.drain_at - time.monotonic()))
+        for c in self.clients:
+            c.send("expect_close")
+        await asyncio.sleep(0.2)  # the clients have read it before the first goodbye
+        open_at_start = _sum(self.clients, "open")
+        t_drain = time.monotonic()
+        os.kill(self.server.pid, signal.SIGTERM)
+        r["drain_started_at_hold_second"] = round(t_drain - hold_t0, 3)
+        r["drain_connections"] = open_at_start
+        per_second: list[int] = []
+        last_open, next_mark = open_at_start, t_drain + 1.0
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            if now >= next_mark or _sum(self.clients, "open") == 0:
+                still = _sum(self.clients, "open")
+                per_second.append(last_open - still)
+                last_open, next_mark = still, next_mark + 1.0
+                r["drain_closes_per_second"] = per_second
+                if still == 0:
+                    r["drain_seconds"] = round(now - t_drain, 2)
+                    r["drain_max_closes_per_second"] = max(per_second)
+                    return
+
     def thaw(self) -> None:
         for c in self.clients:
             if c.frozen_open is not None:
@@ -1491,6 +1536,8 @@ class Bench:
             int(c.latest.get("established", 0)) for c in self.clients)
         r["connections_held"] = total("held") if not missing else None
         r["unexpected_closes"] = total("unexpected_closes")
+        if self.args.drain_at > 0:
+            r["drain_server_closes"] = total("server_closes")
         r["unexpected_closes_during_hold"] = total("unexpected_during_hold")
         r["unexpected_close_reasons"] = reasons
         r["connect_failures"] = total("failed")
@@ -1630,7 +1677,13 @@ class Bench:
             self.failures.append(
                 f"established {r.get('connections_established')} of {target} connections")
         frozen = r.get("frozen_connections")
-        if n_held != target - (frozen or 0):
+        if r.get("drain_connections") is not None:
+            # Drained: every connection was closed by the server's goodbye, none held.
+            if r.get("drain_server_closes") != r["drain_connections"]:
+                self.failures.append(
+                    f"the clients saw {r.get('drain_server_closes')} goodbyes for "
+                    f"{r['drain_connections']} connections")
+        elif n_held != target - (frozen or 0):
             self.failures.append(f"held {n_held} of {target - (frozen or 0)} connections"
                                  + (f" (target minus {frozen} frozen)" if frozen else ""))
         if frozen is not None and r.get("frozen_detect_seconds") is None:
@@ -1704,6 +1757,10 @@ class Bench:
         line("server marginal bytes per connection", r.get("server_marginal_bytes_per_connection"))
         line("kernel slab delta (MiB)", _mib(r.get("kernel_slab_bytes_delta")))
         line("server cpu seconds", r.get("server_cpu_seconds"))
+        if r.get("drain_connections") is not None:
+            line("drained connections / seconds / max per s",
+                 f"{r.get('drain_connections')} / {r.get('drain_seconds')} / "
+                 f"{r.get('drain_max_closes_per_second')}")
         if r.get("frozen_clients"):
             line("frozen clients / connections / closed by server",
                  f"{r.get('frozen_clients')} / {r.get('frozen_connections')} / "

@@ -375,6 +375,7 @@ class Stealer:
         w.wheel.schedule(c, w.wheel.now + 1)  # the wheel's check finds its real deadline
         w.trace.record_instant(trace.ACCEPT, id(c), migrated=True)
         self._import(c, state)
+        w.arrived_while_draining(c)
 
     def _import(self, c: Conn, state: bytes) -> None:
         try:

@@ -136,6 +136,7 @@ class Worker:
         self._real_tick = 0
         self._last_stats = 0.0
         self.stats_cpu_s = 0.0
+        self._drained = False  # the drain's goodbyes are all out: later arrivals get theirs now
         self.stealer = stealing.Stealer(self)  # connections moved between workers
 
     # ---- connection lifecycle (called by Conn) --------------------------------------
@@ -229,6 +230,12 @@ class Worker:
         """Input after our ping: the heartbeat round trip, measured on the server."""
         rtt_ms = (self.loop.time() - self._t0) * 1000 - c._ping_ms
         self.heartbeat_rtt.observe(rtt_ms / 1000)
+
+    def arrived_while_draining(self, c: Conn) -> None:
+        """A connection handed over after this worker's drain said its goodbyes."""
+        if self._drained and not c.closing:
+            for _ in self._drain_batch([c]):
+                pass
 
     def heartbeat_from_now(self, c: Conn) -> None:
         """A connection just became ready: its next check is its first heartbeat's, not the
@@ -537,6 +544,12 @@ class Worker:
                 pass  # logged by the run queue; the next batch goes on
             if i + per_step < len(conns):
                 await asyncio.sleep(self.opts.tick_s)
+        # Connections that arrived after the snapshot (work stealing: handed over or returned
+        # while both workers began to drain) get their goodbye too, not the abort at the end.
+        late = [c for c in self.connections() if not c.closing]
+        if late:
+            await self.runqueue.submit(self._drain_batch(late), "drain").wait()
+        self._drained = True
         deadline = time.monotonic() + self.opts.shutdown_grace_s
         while self.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
