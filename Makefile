@@ -31,7 +31,8 @@ bench: $(STAMP)
 	$(BIN)/python -m tidegate bench --connections 20000 --hold 10 --json bench/results/latest.json
 
 bench-500k: $(STAMP)
-	$(BIN)/python -m tidegate bench --connections 500000 --hold 60 --json bench/results/$$(date +%F)-raw-500k.json
+	$(BIN)/python -m tidegate bench --connections 500000 --hold 60 --server-ping-interval 35 \
+		--max-inflight 200 --connect-phase-timeout 420 --json bench/results/$$(date +%F)-raw-500k.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
