@@ -97,7 +97,7 @@ class Conn(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._flags |= PAUSED
-        self._w.paused.add(self)
+        self._w.paused[self] = 0
 
     def resume_writing(self) -> None:
         self._flags &= ~PAUSED

@@ -111,11 +111,10 @@ class Worker:
         self.heartbeat_rtt = Histogram()
         self.closes: collections.Counter[str] = collections.Counter()
         self.close_reasons: dict[Conn, str] = {}
-        self.paused: set[Conn] = set()  # connections whose transport paused writing
-        # Writes queued by each paused connection since it paused: the message cap
-        # (max_write_buffer_messages) counts these; a connection below the high-water mark
-        # holds under 64 KiB whatever its message count.
-        self.paused_writes: dict[Conn, int] = {}
+        # Connections whose transport paused writing, each with the writes it queued since:
+        # the message cap (max_write_buffer_messages) counts these; a connection below the
+        # high-water mark holds under 64 KiB whatever its message count.
+        self.paused: dict[Conn, int] = {}
         self.max_write_buffer_messages = opts.max_write_buffer_messages
         self._write_waiters: dict[Conn, asyncio.Future[None]] = {}
         self._refused: set[Conn] = set()
@@ -202,8 +201,7 @@ class Worker:
                 else:
                     del self._per_ip[ip]
         self.wheel.cancel(c)
-        self.paused.discard(c)
-        self.paused_writes.pop(c, None)
+        self.paused.pop(c, None)
         self.active -= 1
         reason = self.close_reasons.pop(c, None)
         if reason is None:
@@ -253,13 +251,11 @@ class Worker:
 
     def queued_while_paused(self, c: Conn) -> bool:
         """Count one more write from paused ``c``; True once it is past the message cap."""
-        n = self.paused_writes.get(c, 0) + 1
-        self.paused_writes[c] = n
+        n = self.paused[c] = self.paused.get(c, 0) + 1
         return 0 < self.max_write_buffer_messages < n
 
     def writable(self, c: Conn) -> None:
-        self.paused.discard(c)
-        self.paused_writes.pop(c, None)
+        self.paused.pop(c, None)
         waiter = self._write_waiters.pop(c, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

@@ -98,6 +98,51 @@ class _Fanout:
         self.snap: tuple[ClientSession, ...] | None = None
 
 
+class _Frames:
+    """One push's bytes, encoded at most once per codec, on the first subscriber that needs
+    them, then the same bytes written to every subscriber of that codec."""
+
+    __slots__ = ("kind", "channel", "obj", "json", "proto", "not_json")
+
+    def __init__(self, kind: int, channel: str, obj: Publication | ClientInfo) -> None:
+        self.kind = kind
+        self.channel = channel
+        self.obj = obj
+        self.json: bytes | None = None
+        self.proto: bytes | None = None
+        self.not_json = False  # a binary publication: JSON subscribers cannot take it
+
+    def write(self, s: ClientSession) -> bool:
+        """Write to ``s``; False when it could not take the push (and was disconnected)."""
+        if s.codec is JSON_CODEC:
+            data = self.json
+            if data is None:
+                if not self.not_json:
+                    try:
+                        data = self.json = self._encode(JSON_CODEC)
+                    except NotJSON:
+                        self.not_json = True
+                if data is None:
+                    s.disconnect(DISCONNECT_INAPPROPRIATE_PROTOCOL)
+                    return False
+        else:
+            data = self.proto
+            if data is None:
+                data = self.proto = self._encode(PROTOBUF_CODEC)
+        s.transport.write(data)
+        return True
+
+    def _encode(self, codec: Any) -> bytes:
+        out: bytes
+        if self.kind == _PUB:
+            out = codec.encode_publication(self.channel, self.obj)
+        elif self.kind == _JOIN:
+            out = codec.encode_join(self.channel, self.obj)
+        else:
+            out = codec.encode_leave(self.channel, self.obj)
+        return out
+
+
 class Hub:
     __slots__ = (
         "config", "broker", "_subs", "_jl", "_users", "_pending", "fanout_writes",
@@ -309,24 +354,9 @@ class Hub:
         if self._chunked(channel, len(subs)):
             self._enqueue_publication(channel, pub, subs)
             return
-        jbytes: bytes | None = None
-        pbytes: bytes | None = None
-        not_json = False
+        frames = _Frames(_PUB, channel, pub)
         for s in tuple(subs):  # a write may close a session, which leaves the set
-            if s.codec is JSON_CODEC:
-                if jbytes is None and not not_json:
-                    try:
-                        jbytes = JSON_CODEC.encode_publication(channel, pub)
-                    except NotJSON:
-                        not_json = True
-                if jbytes is None:
-                    s.disconnect(DISCONNECT_INAPPROPRIATE_PROTOCOL)
-                    continue
-                s.transport.write(jbytes)
-            else:
-                if pbytes is None:
-                    pbytes = PROTOBUF_CODEC.encode_publication(channel, pub)
-                s.transport.write(pbytes)
+            frames.write(s)
         self.fanout_writes += len(subs)
         if pub.time_ms:  # publish accepted -> written to every local subscriber's socket
             self.delivery_latency.observe_n(time.time() - pub.time_ms / 1000, len(subs))
@@ -352,19 +382,9 @@ class Hub:
         if self._chunked(channel, len(subs)):
             self._enqueue(channel, _Push(_LEAVE if leave else _JOIN, info, tuple(subs)))
             return
-        jbytes: bytes | None = None
-        pbytes: bytes | None = None
+        frames = _Frames(_LEAVE if leave else _JOIN, channel, info)
         for s in tuple(subs):
-            if s.codec is JSON_CODEC:
-                if jbytes is None:
-                    enc = JSON_CODEC.encode_leave if leave else JSON_CODEC.encode_join
-                    jbytes = enc(channel, info)
-                s.transport.write(jbytes)
-            else:
-                if pbytes is None:
-                    penc = PROTOBUF_CODEC.encode_leave if leave else PROTOBUF_CODEC.encode_join
-                    pbytes = penc(channel, info)
-                s.transport.write(pbytes)
+            frames.write(s)
 
     # ---- chunked fan-out (see the module doc) -------------------------------------------
     def _chunked(self, channel: str, n: int) -> bool:
@@ -414,46 +434,18 @@ class Hub:
         pub = push.obj if isinstance(push.obj, Publication) else None
         if pub is not None:
             self.chunked_fanouts += 1
-        jbytes: bytes | None = None
-        pbytes: bytes | None = None
-        not_json = False
+        frames = _Frames(push.kind, channel, push.obj)
         for i in range(0, len(subs), FANOUT_STEP):
             written = 0
             for s in subs[i : i + FANOUT_STEP]:
                 if s.closed or s in gone:  # left (or closed) since this was published
                     continue
-                if s.codec is JSON_CODEC:
-                    if jbytes is None and not not_json:
-                        try:
-                            jbytes = self._encode(JSON_CODEC, channel, push)
-                        except NotJSON:
-                            not_json = True
-                    if jbytes is None:
-                        s.disconnect(DISCONNECT_INAPPROPRIATE_PROTOCOL)
-                        continue
-                    s.transport.write(jbytes)
-                else:
-                    if pbytes is None:
-                        pbytes = self._encode(PROTOBUF_CODEC, channel, push)
-                    s.transport.write(pbytes)
-                written += 1
+                written += frames.write(s)
             if pub is not None:
                 self.fanout_writes += written
                 if pub.time_ms and written:
                     self.delivery_latency.observe_n(time.time() - pub.time_ms / 1000, written)
             yield
-
-    @staticmethod
-    def _encode(codec: Any, channel: str, push: _Push) -> bytes:
-        obj = push.obj
-        out: bytes
-        if push.kind == _PUB:
-            out = codec.encode_publication(channel, obj)
-        elif push.kind == _JOIN:
-            out = codec.encode_join(channel, obj)
-        else:
-            out = codec.encode_leave(channel, obj)
-        return out
 
     def handle_join(self, channel: str, info: ClientInfo) -> None:
         self._push_info(channel, info, leave=False)
