@@ -7,7 +7,8 @@
 ``--sample-ratio`` (default 0.01, a production setting; 1 traces every connect) and sent by the
 OTLP/HTTP batch exporter to a collector stand-in this script runs (it answers 200 and drops the
 data), the loop-stall watchdog and the per-worker trace ring. "Off" is the same build with the
-metrics port closed, no tracing, no stall watchdog and a one-event trace ring. Each round runs
+metrics port closed, no tracing, no stall watchdog and a one-event trace ring; "on_untraced" is
+"on" without tracing, to tell the OpenTelemetry SDK's share apart. Each round runs
 `tidegate bench --protocol ws` (connect + subscribe, heartbeats, one server worker) once per
 variant, alternating which goes first, and the medians are compared. The target (issue 5): on
 costs <= 5% of connection throughput and <= 5% of memory per connection.
@@ -30,18 +31,20 @@ from typing import Any
 OFF_ARGS = ["--metrics-port", "0", "--tracing-exporter", "none", "--stall-threshold-ms", "0",
             "--trace-ring-events", "1"]
 ON_ARGS = ["--tracing-exporter", "otlp"]
+# "on_untraced": everything on but tracing, to tell what the OTel SDK costs apart.
+VARIANTS = ("on", "on_untraced", "off")
 FIGURES = ("connect_rate_per_s", "server_marginal_bytes_per_connection",
            "server_cpu_us_per_connect", "heartbeat_rtt_ms_p99")
 
 
 def run_variant(name: str, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     out = os.path.join(workdir, f"{name}-{time.monotonic_ns()}.json")
-    server_args = (ON_ARGS + ["--tracing-sample-ratio", str(args.sample_ratio)] if name == "on"
-                   else OFF_ARGS)
+    server_args = {"on": ON_ARGS + ["--tracing-sample-ratio", str(args.sample_ratio)],
+                   "on_untraced": [], "off": OFF_ARGS}[name]
     cmd = [sys.executable, "-m", "tidegate", "bench", "--protocol", "ws",
            "--connections", str(args.connections), "--hold", str(args.hold),
            "--server-workers", "1", "--clients", "1", "--no-progress", "--json", out,
-           "--scrape-interval", "15" if name == "on" else "0"]
+           "--scrape-interval", "0" if name == "off" else "15"]
     for a in server_args:
         cmd.append(f"--server-arg={a}")  # "=": the values start with "--"
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
@@ -84,6 +87,10 @@ def start_sink() -> str:
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
+def _percent(value: float | None, base: float | None) -> float | None:
+    return round(100 * (value - base) / base, 1) if value is not None and base else None
+
+
 def median(runs: list[dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in runs if r.get(key) is not None]
     return round(statistics.median(values), 2) if values else None
@@ -99,21 +106,22 @@ def main() -> int:
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
     os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = start_sink()  # the servers inherit it
-    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="tidegate-obs-") as workdir:
         for i in range(args.rounds):
-            order = ("on", "off") if i % 2 == 0 else ("off", "on")
+            order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
             for name in order:
                 r = run_variant(name, args, workdir)
                 runs[name].append(r)
-                print(f"round {i + 1} {name:>3}: " + ", ".join(f"{k} {r[k]}" for k in FIGURES),
+                print(f"round {i + 1} {name:>11}: " + ", ".join(f"{k} {r[k]}" for k in FIGURES),
                       flush=True)
     summary: dict[str, Any] = {}
     for key in FIGURES:
         on, off = median(runs["on"], key), median(runs["off"], key)
-        summary[key] = {"on": on, "off": off,
-                        "on_vs_off_percent": (round(100 * (on - off) / off, 1)
-                                              if on is not None and off else None)}
+        untraced = median(runs["on_untraced"], key)
+        summary[key] = {"on": on, "on_untraced": untraced, "off": off,
+                        "on_vs_off_percent": _percent(on, off),
+                        "on_untraced_vs_off_percent": _percent(untraced, off)}
     rate = summary["connect_rate_per_s"]["on_vs_off_percent"]
     mem = summary["server_marginal_bytes_per_connection"]["on_vs_off_percent"]
     result = {
@@ -123,6 +131,7 @@ def main() -> int:
         "rounds": args.rounds,
         "tracing_sample_ratio": args.sample_ratio,
         "on_args": ON_ARGS + ["bench --scrape-interval 15"],
+        "on_untraced_args": ["(defaults: no tracing)", "bench --scrape-interval 15"],
         "off_args": OFF_ARGS + ["bench --scrape-interval 0"],
         "runs": runs,
         "median": summary,
@@ -132,10 +141,12 @@ def main() -> int:
             "memory_met": None if mem is None else mem <= 5.0,
         },
     }
-    print(f"\n{'figure (median)':<40}{'on':>12}{'off':>12}{'on vs off':>12}")
+    print(f"\n{'figure (median)':<40}{'on':>10}{'untraced':>10}{'off':>10}{'on/off':>9}"
+          f"{'untraced/off':>14}")
     for key, v in summary.items():
-        delta = "" if v["on_vs_off_percent"] is None else f"{v['on_vs_off_percent']:+.1f}%"
-        print(f"{key:<40}{v['on']!s:>12}{v['off']!s:>12}{delta:>12}")
+        d1, d2 = v["on_vs_off_percent"], v["on_untraced_vs_off_percent"]
+        print(f"{key:<40}{v['on']!s:>10}{v['on_untraced']!s:>10}{v['off']!s:>10}"
+              f"{'' if d1 is None else f'{d1:+.1f}%':>9}{'' if d2 is None else f'{d2:+.1f}%':>14}")
     print(f"targets: {result['targets']}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

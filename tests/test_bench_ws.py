@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from test_bench import FakeTransport  # the asyncio transport under a client connection
 from tidegate.bench import procstat
 from tidegate.bench.client import (
     CLOSED,
@@ -67,21 +68,6 @@ def client_payloads(written: list[bytes]) -> list[bytes]:
         assert frame is not None and frame.fin, data
         out.append(bytes(frame.payload))
     return out
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name: str) -> None:
-        return None
 
 
 def _driver(stats: Stats, count: int = 4) -> WsDriver:

@@ -13,34 +13,11 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from test_gateway_fast_path import FakeTransport  # the asyncio transport under a Conn
 from tidegate.apps.echo import EchoHandler
 from tidegate.engine.options import EngineOptions
 from tidegate.engine.worker import Worker
 from tidegate.protocol.heartbeat import DATA, PING, PONG, frame
-
-
-class RecordingTransport:
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.aborted = False
-
-    def write(self, data: bytes) -> None:
-        self.out += data
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def get_extra_info(self, name: str) -> Any:
-        return None
 
 
 def _feed(chunks: list[bytes]) -> tuple[bytes, Any]:
@@ -48,7 +25,7 @@ def _feed(chunks: list[bytes]) -> tuple[bytes, Any]:
         worker = Worker(EngineOptions(), EchoHandler())
         worker.handler.on_boot(worker)
         conn = worker.conn_class()
-        transport = RecordingTransport()
+        transport = FakeTransport()
         conn._transport = transport
         for chunk in chunks:
             view = conn.get_buffer(len(chunk))
