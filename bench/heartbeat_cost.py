@@ -13,7 +13,12 @@ Three measurements, each against a baseline in the same run:
    the app's in-place parse vs the generic ``next_frame`` path it replaced.
 3. Client CPU per connect (first ping answered included): a socket made in Python and handed
    to ``create_connection(sock=...)`` vs ``create_connection(host, port, local_addr=...)``,
-   the bench client's path, against the same tidegate server.
+   the uvloop client's path, against the same tidegate server.
+4. The load generator's own cost (``--part clients`` runs this one alone): the same hold as 1,
+   against the same tidegate server, with the bench's two raw clients: ``--client-loop epoll``
+   (a bare ``select.epoll``, the default) vs ``--client-loop uvloop`` (asyncio Protocols). Client
+   CPU per heartbeat over the window, client CPU per connect until connected (process start-up
+   included, the same for both) and the connect rate, from the bench's report.
 """
 
 from __future__ import annotations
@@ -94,14 +99,16 @@ def start_bare(port: int) -> tuple[subprocess.Popen[bytes], int]:
     return proc, proc.pid
 
 
-def heartbeat_round(port: int, server_pid: int, args: argparse.Namespace) -> dict[str, float]:
+def heartbeat_round(port: int, server_pid: int, args: argparse.Namespace,
+                    client_loop: str = "uvloop") -> dict[str, float]:
     """Hold ``args.connections`` on ``port`` with pings; CPU per ping over the middle window."""
     out = tempfile.mktemp(suffix=".json")
     bench = subprocess.Popen(
         [sys.executable, "-m", "tidegate", "bench", "--target", f"127.0.0.1:{port}",
          "--connections", str(args.connections), "--clients", "1", "--ping-interval",
          str(args.ping_interval), "--hold", str(args.window + 10), "--scrape-interval", "0",
-         "--no-progress", "--json", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "--client-loop", client_loop, "--no-progress", "--json", out],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client_pid = 0
     deadline = time.monotonic() + 60
     while not client_pid and time.monotonic() < deadline:  # the bench's client process
@@ -122,11 +129,15 @@ def heartbeat_round(port: int, server_pid: int, args: argparse.Namespace) -> dic
     report = json.loads(Path(out).read_text())
     os.unlink(out)
     pings = args.connections / args.ping_interval * (t1 - t0)
+    established = report.get("connections_established") or 1
     return {"server_us_per_ping": round((s1 - s0) * 1e6 / pings, 1),
             "client_us_per_ping": round((c1 - c0) * 1e6 / pings, 1),
             "pings_per_s": round(args.connections / args.ping_interval),
             "heartbeat_missed": report.get("heartbeat_missed"),
-            "rtt_ms_p99": report.get("heartbeat_rtt_ms_p99")}
+            "rtt_ms_p99": report.get("heartbeat_rtt_ms_p99"),
+            "client_us_per_connect": round(
+                report.get("client_cpu_seconds_until_connected", 0) * 1e6 / established, 1),
+            "connect_rate_per_s": report.get("connect_rate_per_s")}
 
 
 def python_per_ping() -> dict[str, float]:
@@ -231,6 +242,31 @@ def client_connect_cost(port: int, mode: str, n: int, base: int) -> float:
     return uvloop.run(main())
 
 
+def client_loops(args: argparse.Namespace, port: int = 0, worker_pid: int = 0
+                 ) -> dict[str, Any]:
+    """Measurement 4: the epoll client vs the uvloop client, rounds alternating the order."""
+    with tempfile.TemporaryDirectory(prefix="tidegate-hb-") as workdir:
+        server = None
+        if not port:
+            port = free_port()
+            server, worker_pid = start_tidegate(port, workdir)
+        try:
+            runs: dict[str, list[dict[str, float]]] = {"epoll": [], "uvloop": []}
+            for i in range(args.rounds):
+                for loop in ("epoll", "uvloop") if i % 2 == 0 else ("uvloop", "epoll"):
+                    r = heartbeat_round(port, worker_pid, args, loop)
+                    runs[loop].append(r)
+                    print(f"round {i + 1} client {loop:>6}: {r}", flush=True)
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(30)
+    keys = ("client_us_per_ping", "server_us_per_ping", "client_us_per_connect",
+            "connect_rate_per_s", "rtt_ms_p99")
+    return {"runs": runs, "median": {loop: {k: statistics.median(r[k] for r in rs) for k in keys}
+                                     for loop, rs in runs.items()}}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--connections", type=int, default=18000)
@@ -238,11 +274,19 @@ def main() -> int:
     p.add_argument("--window", type=float, default=10.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--connects", type=int, default=12000)
+    p.add_argument("--part", choices=("all", "clients"), default="all",
+                   help="clients: only measurement 4, the bench client loops")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
     result: dict[str, Any] = {"benchmark": "heartbeat_cost", "date": time.strftime("%Y-%m-%d"),
                               "connections": args.connections,
                               "ping_interval_s": args.ping_interval}
+    if args.part == "clients":
+        result["client_loops"] = client_loops(args)
+        print(json.dumps(result["client_loops"]["median"], indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return 0
     with tempfile.TemporaryDirectory(prefix="tidegate-hb-") as workdir:
         tg_port = free_port()
         tg, tg_worker = start_tidegate(tg_port, workdir)
@@ -271,6 +315,7 @@ def main() -> int:
             result["client_us_per_connect"] = connects
             result["client_us_per_connect_median"] = {
                 k: statistics.median(v) for k, v in connects.items()}
+            result["client_loops"] = client_loops(args, tg_port, tg_worker)
         finally:
             tg.terminate()
             bare.terminate()

@@ -23,7 +23,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tidegate.bench import procstat
-from tidegate.bench.client import CLOSED, OPEN, PENDING, PingWheel, RawConnection, RawDriver, Stats
+from tidegate.bench.client import (
+    CLOSED,
+    OPEN,
+    PENDING,
+    PingWheel,
+    RawConnection,
+    RawDriver,
+    Stats,
+    WheelClock,
+)
 from tidegate.bench.histogram import Histogram, bucket_bounds, bucket_index
 from tidegate.bench.runner import BenchError, parse_target, plan_clients
 from tidegate.protocol.heartbeat import DATA, PING, PONG, frame
@@ -294,7 +303,7 @@ def test_ping_wheel_spreads_and_counts_missed() -> None:
     try:
         stats = Stats()
         wheel = PingWheel(loop, stats, interval_s=1.0, pong_timeout_s=0.3, tick_s=0.1)
-        assert wheel.nbuckets == 10 and wheel.lag == 4
+        assert wheel.clock.nbuckets == 10 and wheel.clock.lag == 4
         conns = [WheelConn() for _ in range(100)]
         for c in conns:
             wheel.add(c)
@@ -312,7 +321,7 @@ def test_ping_wheel_spreads_and_counts_missed() -> None:
         assert stats.missed == 5 and stats.outstanding == 0
         # A ping unanswered when its next turn comes is missed too (timeout beyond interval).
         wheel2 = PingWheel(loop, Stats(), interval_s=1.0, pong_timeout_s=5.0, tick_s=0.1)
-        assert wheel2.lag == 0
+        assert wheel2.clock.lag == 0
         c = WheelConn()
         wheel2.add(c)
         wheel2._ping_bucket(0, now)
@@ -325,6 +334,17 @@ def test_ping_wheel_spreads_and_counts_missed() -> None:
         assert wheel.expire_all() == 9 and stats.outstanding == 0
     finally:
         loop.close()
+
+
+def test_wheel_clock_keeps_to_its_schedule_and_catches_up() -> None:
+    clock = WheelClock(interval_s=1.0, pong_timeout_s=0.3, tick_s=0.1)
+    clock.start(1_000_000_000, phase=0.5)  # half a tick later than the start
+    assert clock.next_ns == 1_050_000_000
+    assert clock.due_slots(1_049_000_000) == []
+    assert clock.due_slots(1_050_000_000) == [0] and clock.next_ns == 1_150_000_000
+    # Late by three ticks: the missed turns run now, in order, and the schedule stays put.
+    assert clock.due_slots(1_460_000_000) == [1, 2, 3, 4] and clock.next_ns == 1_550_000_000
+    assert clock.due_slots(2_060_000_000) == [5, 6, 7, 8, 9, 0]
 
 
 def test_raw_driver_is_registered() -> None:
@@ -383,6 +403,7 @@ def test_bench_run_against_its_own_server(tmp_path: Path) -> None:
     assert code == 0, output
     _assert_clean_counts(r, n)
     assert r["server_started_by_bench"] is True
+    assert r["client_loop"] == "epoll"  # raw's default
     assert r["client_processes"] == 2
     assert r["source_addresses"] == ["127.0.0.2", "127.0.0.3"]
     assert r["server_workers"] >= 1 and len(r["server_worker_pids"]) == r["server_workers"]
@@ -404,6 +425,19 @@ def test_bench_run_against_its_own_server(tmp_path: Path) -> None:
     assert r["metrics_scrape_bytes"] > 0
     assert r["server_stats_cpu_percent_per_worker"] is not None
     assert "/metrics scrape ms" in output
+
+
+def test_bench_uvloop_client_still_runs_and_the_report_names_the_loop(tmp_path: Path) -> None:
+    # The asyncio client is the baseline the epoll one is measured against: it must keep working.
+    n = 600
+    code, r, output = _bench(tmp_path, "--connections", str(n), "--clients", "1", "--hold", "2",
+                             "--ping-interval", "1", "--client-loop", "uvloop", "--no-progress")
+    assert code == 0, output
+    _assert_clean_counts(r, n)
+    assert r["client_loop"] == "uvloop"
+    code, _, output = _bench(tmp_path, "--protocol", "ws", "--client-loop", "epoll",
+                             "--connections", "10", "--no-progress")
+    assert code != 0 and "epoll speaks raw only" in output
 
 
 def test_bench_freezes_clients_and_the_server_closes_exactly_theirs(tmp_path: Path) -> None:

@@ -433,3 +433,98 @@ def _settled(srv: Any, ceiling: int, accepted: int) -> bool:
     ev = _eviction(srv)
     return (srv.total("accepted") >= accepted and bool(ev.get("evictions"))
             and _active(srv) <= ceiling and not ev.get("shedding"))
+
+
+# ---- a big batch goes through the worker's run queue -------------------------------------------
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_a_big_eviction_is_run_queue_chunks_and_never_evicts_twice(loop_name: str) -> None:
+    """An in-process worker with 1,800 real loopback connections and a ceiling of 200. Four
+    ticks back to back (the later ones while the earlier ones' evictions are still queued) pick
+    1,620 victims between them, none twice: a tick does not count the victims still queued as
+    connections, nor picks them again. The evictions run as run-queue jobs in slices of
+    ``slice_ms``: a timer due meanwhile and a new client's accept and ping/pong run before
+    they are done. Afterwards exactly the victims' clients got the server's close, and the
+    counters agree with them."""
+    import uvloop
+
+    from tidegate.apps.echo import EchoHandler
+    from tidegate.engine.eviction import EvictionController
+    from tidegate.engine.netopt import listening_socket
+    from tidegate.engine.worker import Worker
+
+    n, ceiling, resume = 1800, 200, 180
+    opts = EngineOptions(host="127.0.0.1", slice_ms=1.0, eviction_max_connections=ceiling,
+                         eviction_max_fraction_per_tick=0.5, eviction_resume_fraction=0.9,
+                         eviction_tick_s=3600.0)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        w = Worker(opts, EchoHandler())
+        w.loop, w._t0 = loop, loop.time()
+        server = await loop.create_server(w.conn_class, sock=listening_socket(opts, 0, reuseport=False))
+        port = server.sockets[0].getsockname()[1]
+        clients: list[socket.socket] = []
+        for _ in range(n):
+            s = socket.socket()
+            s.setblocking(False)
+            await loop.sock_connect(s, ("127.0.0.1", port))
+            clients.append(s)
+        while w.active < n:
+            await asyncio.sleep(0.01)
+        w.eviction = ctrl = EvictionController(w)
+        rq = w.runqueue
+        slices0 = rq.slices
+
+        # Four ticks before any eviction ran, each half of what is left (the fraction), the
+        # last the 45 down to the resume level; the fifth finds it there.
+        picked = [ctrl.run() for _ in range(5)]
+        assert picked == [900, 450, 225, 45, 0]
+        assert ctrl.pending == 1620 and not ctrl.evictions and not ctrl.shedding
+        assert rq.depth == 4 and ctrl.last.connections == resume
+
+        during: list[int] = []
+        loop.call_soon(lambda: during.append(ctrl.pending))  # a timer due while they run
+
+        async def ping_pong() -> int:
+            """A client that comes now: accepted, its ping answered - while evictions wait."""
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(frame(PING, b"beat"))
+            assert await reader.readexactly(9) == frame(PONG, b"beat")
+            pending = ctrl.pending
+            writer.close()
+            return pending
+
+        pending_at_pong = await ping_pong()
+        await asyncio.gather(*(h.wait() for h in list(rq._jobs)))
+        assert 0 < during[0] < 1620, "the timer waited for every eviction"
+        assert pending_at_pong > 0, "the ping/pong waited for every eviction"
+        assert rq.slices - slices0 > 4 and rq.jobs_done == 4
+        assert ctrl.pending == 0 and sum(ctrl.evictions.values()) == 1620
+
+        # The clients' side: exactly 1,620 closes (EOF), and the server counts each once.
+        await asyncio.sleep(0.2)
+        evicted = []
+        for s in clients:
+            try:
+                if s.recv(1) == b"":
+                    evicted.append(s)
+            except BlockingIOError:
+                pass
+        assert len(evicted) == 1620
+        for s in evicted:
+            s.close()
+        deadline = loop.time() + 10
+        while w.closes.get("evicted", 0) < 1620 and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        assert w.closes["evicted"] == 1620 and w.active == resume  # (the pinger left too)
+        assert ctrl.run() == 0 and ctrl.last.connections == resume
+        for s in clients:
+            s.close()
+        server.close()
+
+    new_loop = uvloop.new_event_loop if loop_name == "uvloop" else asyncio.new_event_loop
+    loop = new_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()

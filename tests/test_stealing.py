@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -178,3 +179,159 @@ def test_partial_frame_and_pending_output_stay_put(serve):
         got = b"".join(recv_frame(s) for _ in range(frames))
         assert got == (bytes([DATA]) + b"z" * 60_000) * frames
     assert all(echo_ok(s) for s in mine)
+
+
+def test_a_drain_while_stealing_loses_no_connection_and_says_every_goodbye(serve):
+    """SIGTERM while a restarted worker is still taking its share: the supervisor stops
+    stealing node-wide before any worker lists its connections for the drain, so no
+    connection moves under a drain, none is lost in flight, and every client gets the
+    drain's goodbye (a FIN, never the reset of the abort at the end); the drain's safety net
+    for late arrivals (Worker.arrived_after_snapshot) never fires."""
+    n = 800
+    srv = serve("--workers", "4", "--drain-s", "2", "--steal-max-per-tick", "8", *STEAL)
+    clients = [connect(srv.port) for _ in range(n)]
+    assert all(echo_ok(s) for s in clients)
+    st = srv.wait_stats(lambda st: stat_sum(st, "active") == n)
+    victim = st["worker_stats"][0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    lost = victim["active"]
+    # The restarted worker steals (8 per 0.2 s round: ~5 s to refill); the drain starts a
+    # second into that, with hand-overs going on.
+    st = srv.wait_stats(lambda st: st["restarts"] == 1 and st["ready"]
+                        and st["worker_stats"][0].get("migrated_in", 0) > 0)
+    time.sleep(1.0)
+    st = srv.status()
+    counts = actives(st)
+    assert not balanced(counts), f"stealing was over before the drain: {counts}"
+    survivors = [s for s in clients if echo_ok(s, b"before-drain")]
+    assert len(survivors) == n - lost
+
+    srv.proc.send_signal(signal.SIGTERM)
+    goodbye: set[socket.socket] = set()
+    reset: set[socket.socket] = set()
+    deadline = time.monotonic() + 30
+    while len(goodbye) + len(reset) < len(survivors) and time.monotonic() < deadline:
+        waiting = [s for s in survivors if s not in goodbye and s not in reset]
+        readable, _, _ = select.select(waiting, [], [], 1)
+        for s in readable:
+            try:
+                data = s.recv(65536)
+            except ConnectionResetError:
+                reset.add(s)
+                continue
+            assert not data, data  # nothing but the goodbye (no server pings here)
+            goodbye.add(s)
+            s.close()  # the client's side of the close, as a client would
+    assert not reset, f"{len(reset)} connections were cut off without a goodbye"
+    assert len(goodbye) == len(survivors)
+    assert srv.proc.wait(30) == 0
+    log = srv.log()
+    drained = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+               for line in log.splitlines() if " drained " in line]
+    assert len(drained) == 4, log
+    assert sum(int(d["goodbyes"]) for d in drained) == len(survivors)
+    assert all(d["late"] == "0" and d["no_goodbye"] == "0" for d in drained), drained
+    stopped = next(line for line in log.splitlines() if " stopped " in line)
+    assert "steal_dropped=0" in stopped, stopped
+
+
+def test_the_freeze_refuses_requests_and_sends_hand_overs_back_to_their_owner():
+    """stealing.Router once frozen, on real control channels (no fork): both workers are told
+    STEAL_OFF, a request on its way is refused for its victim, a hand-over on its way goes
+    back to its sender with its socket, and the freeze is settled once both answered."""
+    from tidegate.apps.echo import EchoHandler
+    from tidegate.engine import control, stealing
+    from tidegate.engine.options import EngineOptions
+    from tidegate.engine.supervisor import Supervisor, WorkerSlot
+
+    sup = Supervisor(EngineOptions(steal_max_per_tick=8), EchoHandler)
+    pairs = [control.pair() for _ in range(2)]
+    sup.slots = [WorkerSlot(i, pid=os.getpid(), ctrl=a, ready=True)
+                 for i, (a, _b) in enumerate(pairs)]
+    workers = [b for _a, b in pairs]
+    for s in workers:
+        s.settimeout(5)
+    router = sup._stealing
+
+    def recv(i: int) -> tuple[bytes, bytes, list[int]]:
+        msg = control.recv(workers[i])
+        assert msg is not None
+        return msg
+
+    router.freeze()
+    assert [recv(i)[0] for i in range(2)] == [control.STEAL_OFF] * 2
+    assert not router.settled()
+
+    # worker 1 asked worker 0 before it heard of the freeze: refused in worker 0's name
+    router.route(sup.slots[1], (0).to_bytes(2, "big") + stealing.REQUEST + bytes(12), [])
+    kind, body, fds = recv(1)
+    assert (kind, body, fds) == (control.STEAL, (0).to_bytes(2, "big") + stealing.REFUSE, [])
+
+    # worker 0 handed a connection to worker 1 just before: it comes back to worker 0
+    client, server_side = socket.socketpair()
+    payload = stealing.CONNS + b"records"
+    # (the fd is the supervisor's copy, as control.recv gives it: route closes it)
+    router.route(sup.slots[0], (1).to_bytes(2, "big") + payload, [server_side.detach()])
+    kind, body, fds = recv(0)
+    assert kind == control.STEAL and body == (1).to_bytes(2, "big") + stealing.RETURNED + b"records"
+    assert len(fds) == 1
+    with socket.socket(fileno=fds[0]) as back:  # the same connection, still open
+        client.sendall(b"still-here")
+        assert back.recv(10) == b"still-here"
+    workers[1].setblocking(False)
+    with pytest.raises(BlockingIOError):  # worker 1 got nothing
+        control.recv(workers[1])
+    assert router.stats() == {"routed": 0, "returned": 1, "dropped": 0, "kept": 1}
+
+    router.stopped(sup.slots[0])
+    assert not router.settled()
+    router.stopped(sup.slots[1])
+    assert router.settled()
+    router.tick()  # no load table goes out any more
+    with pytest.raises(BlockingIOError):
+        control.recv(workers[1])
+    client.close()
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+def test_a_frozen_worker_answers_refuses_and_sends_arrivals_back():
+    """Stealer once told STEAL_OFF (a real control channel, no fork): it answers at once,
+    refuses what it is asked for and sends a hand-over that still reaches it back."""
+    import asyncio
+    import pickle
+
+    from tidegate.apps.echo import EchoHandler
+    from tidegate.engine import control, stealing
+    from tidegate.engine.options import EngineOptions
+    from tidegate.engine.worker import Worker
+
+    async def main() -> None:
+        sup_end, ctrl = control.pair()
+        sup_end.settimeout(5)
+        w = Worker(EngineOptions(steal_max_per_tick=8), EchoHandler(), index=1, ctrl=ctrl,
+                   workers_total=2)
+        st = w.stealer
+        assert st.enabled and not st.frozen
+        st.on_control(control.STEAL_OFF, b"", [])
+        assert st.frozen and control.recv(sup_end) == (control.STEAL_OFF, b"", [])
+        st.on_control(control.STEAL, (0).to_bytes(2, "big") + stealing.REQUEST
+                      + stealing._REQ.pack(4, 1.0), [])
+        assert control.recv(sup_end) == (control.STEAL, (0).to_bytes(2, "big")
+                                         + stealing.REFUSE, [])
+        client, server_side = socket.socketpair()
+        records = pickle.dumps([(0, 0, b"")])
+        st.on_control(control.STEAL, (0).to_bytes(2, "big") + stealing.CONNS + records,
+                      [server_side.detach()])
+        kind, body, fds = control.recv(sup_end)
+        assert (kind, body, len(fds)) == (control.STEAL, (0).to_bytes(2, "big")
+                                          + stealing.CONNS + records, 1)
+        assert st.bounced == 1 and st.adopting == 0 and w.active == 0
+        for fd in fds:
+            os.close(fd)
+        client.close()
+        sup_end.close()
+        ctrl.close()
+
+    asyncio.run(main())

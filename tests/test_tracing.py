@@ -80,3 +80,100 @@ def test_root_sampling_follows_the_ratio() -> None:
     tracing.setup("console", sample_ratio=1.0)
     assert all(tracing.sample_root() for _ in range(100))
     tracing.shutdown()
+
+
+class _OtlpSink:
+    """An OTLP/HTTP collector stand-in on a thread: keeps each request's path and body."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                received.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_otlp_exports_a_sampled_connects_spans(monkeypatch) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from tidegate.observe.tracing import _Tracing
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    sink = _OtlpSink()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint)
+    try:
+        tracing = _Tracing()
+        tracing.setup("otlp", sample_ratio=1.0, worker=3)
+        assert tracing.sample_root()
+        # The spans the gateway records for one connect (websocket_app._upgrade and after).
+        root = tracing.start("ws.connect", None, **{"tidegate.transport": "websocket"})
+        with tracing.span("ws.handshake", root):
+            pass
+        child = tracing.start("client.connect", root)
+        child.end()
+        root.end()
+        tracing.shutdown()  # flushes the batch
+        assert [path for path, _ in sink.received] == ["/v1/traces"]
+        req = ExportTraceServiceRequest.FromString(sink.received[0][1])
+        (rs,) = req.resource_spans
+        resource = {a.key: a.value for a in rs.resource.attributes}
+        assert resource["service.name"].string_value == "tidegate"
+        assert resource["tidegate.worker"].int_value == 3
+        got = {s.name: s for ss in rs.scope_spans for s in ss.spans}
+        assert set(got) == {"ws.connect", "ws.handshake", "client.connect"}
+        assert got["ws.handshake"].parent_span_id == got["ws.connect"].span_id
+        assert got["client.connect"].parent_span_id == got["ws.connect"].span_id
+        assert got["ws.connect"].attributes[0].value.string_value == "websocket"
+    finally:
+        sink.close()
+
+
+_IMPORTS_PROBE = """
+import sys, threading, http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{srv.server_address[1]}"
+from tidegate.observe.tracing import TRACING
+TRACING.setup("otlp", 1.0)
+booted = set(sys.modules)
+span = TRACING.start("ws.connect", None)
+span.end()
+assert TRACING._provider.force_flush(10_000)
+print(sorted(set(sys.modules) - booted))
+"""
+
+
+def test_otlp_exporter_imports_everything_at_boot() -> None:
+    """What the first span and the first export need is imported by setup (the worker's boot,
+    before its gc.freeze), not while connections arrive."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    out = subprocess.run([sys.executable, "-c", _IMPORTS_PROBE], env=env,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]", out

@@ -55,6 +55,7 @@ from tidegate.protocol.heartbeat import DATA, PING, PONG
 
 LINGER_ZERO = struct.pack("ii", 1, 0)
 MAX_FRAME_BYTES = 1 << 20
+HELLO_HEADER = b"\x00\x00\x00\x09\x01"  # a PING frame's length and type; the 8-byte token follows
 WATCHDOG_INTERVAL_S = 0.5
 
 # Connection states.
@@ -102,7 +103,7 @@ class ClientConfig:
     close_timeout_s: float = 30.0
     progress_interval_s: float = 0.25
     lifetime_s: float = 3600.0
-    loop: str = "uvloop"
+    loop: str = "uvloop"  # "epoll" (raw only: tidegate.bench.epoll_client), "uvloop", "asyncio"
     # Heartbeats go out in bursts, one bucket every tick: at 500k connections a fine tick
     # (50 ms) wakes every server worker for one or two pings at a time, and the context
     # switches cost more than the pings. 0.5 s lets each wakeup answer a batch.
@@ -192,9 +193,10 @@ class Stats:
     def error(self, reason: str) -> None:
         self.errors[reason] = self.errors.get(reason, 0) + 1
 
-    def pong(self, sent_ns: int) -> None:
-        """The answer to our ping sent at ``sent_ns``: one RTT sample, in its phase."""
-        rtt_us = (time.monotonic_ns() - sent_ns) // 1000
+    def pong(self, sent_ns: int, now_ns: int = 0) -> None:
+        """The answer to our ping sent at ``sent_ns`` (received at ``now_ns``, default now):
+        one RTT sample, in its phase."""
+        rtt_us = ((now_ns or time.monotonic_ns()) - sent_ns) // 1000
         if sent_ns >= self.hold_since_ns:
             self.rtt_hold_us.record(rtt_us)
             if rtt_us > self.window_rtt_max_us:
@@ -258,6 +260,25 @@ def error_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         return errno.errorcode.get(exc.errno, f"errno_{exc.errno}")
     return type(exc).__name__
+
+
+def walk_frames(data: bytes) -> tuple[list[tuple[int, int, int]], int]:
+    """The whole heartbeat frames at the start of ``data``: ``(type, body_start, body_end)``
+    each, and how many bytes they take (the rest is an incomplete frame). ValueError on a length
+    of 0 or above MAX_FRAME_BYTES."""
+    frames = []
+    pos = 0
+    end_all = len(data)
+    while end_all - pos >= 5:
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        if size == 0 or size > MAX_FRAME_BYTES:
+            raise ValueError(f"bad frame length {size}")
+        end = pos + 4 + size
+        if end > end_all:
+            break
+        frames.append((data[pos + 4], pos + 5, end))
+        pos = end
+    return frames, pos
 
 
 class ClientConnection(typing.Protocol):
@@ -333,28 +354,23 @@ class RawConnection(asyncio.Protocol):
         if self.send_hello:  # at once: no loop turn between the connect and the first ping
             self.hello = token = time.monotonic_ns()
             self.stats.hello_sent += 1
-            t.write(b"\x00\x00\x00\x09\x01" + token.to_bytes(8, "big"))
+            t.write(HELLO_HEADER + token.to_bytes(8, "big"))
 
     def data_received(self, data: bytes) -> None:
         if self.rbuf:
             data = self.rbuf + data
             self.rbuf = b""
         stats = self.stats
-        pos = 0
-        end_all = len(data)
-        while end_all - pos >= 5:
-            size = int.from_bytes(data[pos : pos + 4], "big")
-            if size == 0 or size > MAX_FRAME_BYTES:
-                stats.protocol_errors += 1
-                stats.error("protocol_bad_frame_length")
-                self.close()
-                return
-            end = pos + 4 + size
-            if end > end_all:
-                break
-            kind = data[pos + 4]
+        try:
+            frames, consumed = walk_frames(data)
+        except ValueError:
+            stats.protocol_errors += 1
+            stats.error("protocol_bad_frame_length")
+            self.close()
+            return
+        for kind, start, end in frames:
             if kind == PONG:
-                token = int.from_bytes(data[pos + 5 : end], "big")
+                token = int.from_bytes(data[start:end], "big")
                 if token and token == self.hello:  # the server's app has the connection
                     self.hello = 0
                     now = time.monotonic_ns()
@@ -372,7 +388,7 @@ class RawConnection(asyncio.Protocol):
                 else:
                     stats.late_pongs += 1
             elif kind == PING:
-                body = data[pos + 5 : end]
+                body = data[start:end]
                 transport = self.transport
                 if transport is not None and self.state != CLOSING:
                     transport.write((1 + len(body)).to_bytes(4, "big") + b"\x02" + body)
@@ -382,9 +398,8 @@ class RawConnection(asyncio.Protocol):
             else:
                 stats.protocol_errors += 1
                 stats.error("protocol_unknown_frame_type")
-            pos = end
-        if pos < end_all:
-            self.rbuf = data[pos:]
+        if consumed < len(data):
+            self.rbuf = data[consumed:]
 
     def eof_received(self) -> bool | None:
         return False  # close our side too; connection_lost tells whether it was expected
@@ -411,7 +426,7 @@ class RawConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.state != OPEN:
             return False
-        transport.write(b"\x00\x00\x00\x09\x01" + token_ns.to_bytes(8, "big"))
+        transport.write(HELLO_HEADER + token_ns.to_bytes(8, "big"))
         self.ping_sent = token_ns
         return True
 
@@ -862,6 +877,43 @@ class WsDriver(ClientDriver):
 PROTOCOLS: dict[str, type[ClientDriver]] = {"raw": RawDriver, "ws": WsDriver}
 
 
+class WheelClock:
+    """The tick arithmetic of a ping wheel: ``interval / tick`` buckets, one pinged per tick, and
+    a trailing bucket whose pongs are checked ``pong_timeout`` later (``lag`` ticks behind).
+
+    :meth:`due_slots` returns the buckets whose turn has come (more than one when the process
+    was late) and advances; ``next_ns`` is when the next one is due. Ticks keep to the schedule
+    from ``start``: a late tick does not push the later ones back."""
+
+    def __init__(self, interval_s: float, pong_timeout_s: float, tick_s: float) -> None:
+        interval_ns = max(1, int(interval_s * 1e9))
+        self.nbuckets = max(1, round(interval_s / tick_s))
+        self.tick_ns = max(1, interval_ns // self.nbuckets)
+        self.pong_timeout_ns = int(pong_timeout_s * 1e9)
+        # Ticks after a bucket's pings at which their pong timeout is checked.
+        lag = -(-self.pong_timeout_ns // self.tick_ns) + 1
+        self.lag = lag if lag < self.nbuckets else 0  # 0: the next ping's check is earlier
+        self.t0 = 0
+        self.done = 0
+        self.next_ns = 1 << 63
+
+    def start(self, now_ns: int, phase: float = 0.0) -> None:
+        """``phase`` (0..1) shifts the ticks by that share of a tick, so that the client
+        processes, started together, do not all send their bursts at the same moment."""
+        self.t0 = now_ns + int(phase * self.tick_ns)
+        self.done = 0
+        self.next_ns = self.t0
+
+    def due_slots(self, now_ns: int) -> list[int]:
+        due = (now_ns - self.t0) // self.tick_ns
+        slots = []
+        while self.done <= due:
+            slots.append(self.done % self.nbuckets)
+            self.done += 1
+        self.next_ns = self.t0 + self.done * self.tick_ns
+        return slots
+
+
 class PingWheel:
     """One periodic callback that pings every connection once per ``interval``, spread evenly.
 
@@ -881,32 +933,22 @@ class PingWheel:
     ) -> None:
         self.loop = loop
         self.stats = stats
-        interval_ns = max(1, int(interval_s * 1e9))
-        self.nbuckets = max(1, round(interval_s / tick_s))
-        self.tick_ns = max(1, interval_ns // self.nbuckets)
-        self.pong_timeout_ns = int(pong_timeout_s * 1e9)
-        # Ticks after a bucket's pings at which their pong timeout is checked.
-        lag = -(-self.pong_timeout_ns // self.tick_ns) + 1
-        self.lag = lag if lag < self.nbuckets else 0  # 0: the next ping's check is earlier
-        self.buckets: list[list[ClientConnection]] = [[] for _ in range(self.nbuckets)]
+        self.clock = WheelClock(interval_s, pong_timeout_s, tick_s)
+        self.buckets: list[list[ClientConnection]] = [[] for _ in range(self.clock.nbuckets)]
         self.dealt = 0
-        self.t0 = 0
-        self.done = 0
         self.handle: asyncio.Handle | None = None
 
     def add(self, conn: ClientConnection) -> None:
-        self.buckets[self.dealt % self.nbuckets].append(conn)
+        self.buckets[self.dealt % self.clock.nbuckets].append(conn)
         self.dealt += 1
 
     def connections(self) -> list[ClientConnection]:
         return [conn for bucket in self.buckets for conn in bucket]
 
     def start(self, phase: float = 0.0) -> None:
-        """Start ticking; ``phase`` (0..1) shifts the ticks by that share of a tick, so that the
-        client processes, started together, do not all send their bursts at the same moment."""
-        self.t0 = time.monotonic_ns() + int(phase * self.tick_ns)
-        self.done = 0
-        self.handle = self.loop.call_at(self.loop.time() + phase * self.tick_ns / 1e9, self._tick)
+        self.clock.start(time.monotonic_ns(), phase)
+        self.handle = self.loop.call_at(
+            self.loop.time() + phase * self.clock.tick_ns / 1e9, self._tick)
 
     def stop(self) -> None:
         if self.handle is not None:
@@ -915,15 +957,13 @@ class PingWheel:
 
     def _tick(self) -> None:
         now = time.monotonic_ns()
-        due = (now - self.t0) // self.tick_ns
-        nb = self.nbuckets
-        while self.done <= due:
-            slot = self.done % nb
+        clock = self.clock
+        nb = clock.nbuckets
+        for slot in clock.due_slots(now):
             self._ping_bucket(slot, now)
-            if self.lag:
-                self._expire_bucket((slot - self.lag) % nb, now)
-            self.done += 1
-        delay = (self.t0 + self.done * self.tick_ns - time.monotonic_ns()) / 1e9
+            if clock.lag:
+                self._expire_bucket((slot - clock.lag) % nb, now)
+        delay = (clock.next_ns - time.monotonic_ns()) / 1e9
         self.handle = self.loop.call_later(max(0.0, delay), self._tick)
 
     def _ping_bucket(self, slot: int, now: int) -> None:
@@ -946,7 +986,7 @@ class PingWheel:
 
     def _expire_bucket(self, slot: int, now: int) -> None:
         stats = self.stats
-        limit = self.pong_timeout_ns
+        limit = self.clock.pong_timeout_ns
         for conn in self.buckets[slot]:
             sent = conn.ping_sent
             if sent and now - sent > limit:
@@ -969,10 +1009,12 @@ class PingWheel:
 
 
 class Control:
-    """The runner's commands, read from stdin without blocking the loop."""
+    """The runner's commands, read from stdin without blocking the loop: ``add_reader`` and
+    ``remove_reader`` are the loop's (asyncio's, or the epoll client's own)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, stats: Stats) -> None:
-        self.loop = loop
+    def __init__(self, stats: Stats, add_reader: Callable[[int, Callable[[], None]], object],
+                 remove_reader: Callable[[int], object]) -> None:
+        self.remove_reader = remove_reader
         self.stats = stats
         self.go = asyncio.Event()
         self.halt = asyncio.Event()
@@ -980,10 +1022,11 @@ class Control:
         self.eof = False
         self.reason = ""
         self._buf = b""
-        self._fd = sys.stdin.fileno()
+        self._fd = -1
         try:
+            self._fd = sys.stdin.fileno()
             os.set_blocking(self._fd, False)
-            loop.add_reader(self._fd, self._readable)
+            add_reader(self._fd, self._readable)
         except OSError as exc:  # not a pipe (a file, /dev/null): run on the lifetime alone
             print(f"bench client: no commands on stdin ({exc}); go", file=sys.stderr)
             self.go.set()
@@ -996,7 +1039,7 @@ class Control:
         except OSError:
             chunk = b""
         if not chunk:
-            self.loop.remove_reader(self._fd)
+            self.remove_reader(self._fd)
             self.eof = True
             self.stop("runner_gone")
             return
@@ -1046,7 +1089,7 @@ class ClientProcess:
         self.wheel = PingWheel(
             self.loop, self.stats, config.ping_interval_s, config.pong_timeout_s, config.tick_s
         )
-        self.control = Control(self.loop, self.stats)
+        self.control = Control(self.stats, self.loop.add_reader, self.loop.remove_reader)
         self.next_index = 0
         self.connect_started_ns = 0
         self.connect_done_ns = 0
@@ -1151,16 +1194,9 @@ class ClientProcess:
         await asyncio.gather(*workers)
         self.watchdog.cancel()
         self.connect_done_ns = time.monotonic_ns()
-        emit(
-            "connected",
-            **stats.progress(),
-            **self.driver.progress_fields(),
-            cpu_seconds=_cpu_seconds(),
-            connect_started_ns=self.connect_started_ns,
-            connect_done_ns=self.connect_done_ns,
-            first_established_ns=stats.first_established_ns,
-            last_established_ns=stats.last_established_ns,
-        )
+        emit("connected", **connected_fields(stats, self.connect_started_ns,
+                                             self.connect_done_ns),
+             **self.driver.progress_fields())
 
         await control.close.wait()
         held = stats.open
@@ -1181,39 +1217,60 @@ class ClientProcess:
         closed_ns = time.monotonic_ns()
         progress.cancel()
         lifetime.cancel()
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        emit(
-            "final",
-            **stats.progress(),
-            **self.driver.progress_fields(),
-            **self.driver.final_fields(),
-            reason=control.reason,
-            held=held,
-            held_ns=held_ns,
-            closed_ns=closed_ns,
-            close_seconds=(closed_ns - held_ns) / 1e9,
-            still_open_after_close=stats.open,
-            unanswered_at_end=unanswered_at_end,
-            unexpected_during_hold=unexpected_during_hold,
-            unexpected_close_reasons=stats.unexpected_close_reasons,
-            errors=stats.errors,
-            late_pongs=stats.late_pongs,
-            data_frames=stats.data_frames,
-            protocol_errors=stats.protocol_errors,
-            rtt_connect_phase_us=stats.rtt_connect_phase_us.to_dict(),
-            hello_rtt_us=stats.hello_rtt_us.to_dict(),
-            hello_sent=stats.hello_sent,
-            last_confirmed_ns=stats.last_confirmed_ns,
-            rtt_hold_us=stats.rtt_hold_us.to_dict(),
-            connect_us=stats.connect_us.to_dict(),
-            connect_started_ns=self.connect_started_ns,
-            connect_done_ns=self.connect_done_ns,
-            first_established_ns=stats.first_established_ns,
-            last_established_ns=stats.last_established_ns,
-            cpu_seconds=usage.ru_utime + usage.ru_stime,
-            max_rss_bytes=usage.ru_maxrss * 1024,
-            sources=cfg.sources,
-        )
+        emit("final", **final_fields(
+            stats, cfg, reason=control.reason, held=held, held_ns=held_ns, closed_ns=closed_ns,
+            unanswered_at_end=unanswered_at_end, unexpected_during_hold=unexpected_during_hold,
+            connect_started_ns=self.connect_started_ns, connect_done_ns=self.connect_done_ns),
+            **self.driver.progress_fields(), **self.driver.final_fields())
+
+
+def connected_fields(stats: Stats, connect_started_ns: int, connect_done_ns: int
+                     ) -> dict[str, Any]:
+    """The ``connected`` line: this process's connects are done."""
+    return {
+        **stats.progress(),
+        "cpu_seconds": _cpu_seconds(),
+        "connect_started_ns": connect_started_ns,
+        "connect_done_ns": connect_done_ns,
+        "first_established_ns": stats.first_established_ns,
+        "last_established_ns": stats.last_established_ns,
+    }
+
+
+def final_fields(stats: Stats, cfg: ClientConfig, *, reason: str, held: int, held_ns: int,
+                 closed_ns: int, unanswered_at_end: int, unexpected_during_hold: int,
+                 connect_started_ns: int, connect_done_ns: int) -> dict[str, Any]:
+    """The ``final`` line: this process's counters and histograms, for the runner to merge."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        **stats.progress(),
+        "reason": reason,
+        "held": held,
+        "held_ns": held_ns,
+        "closed_ns": closed_ns,
+        "close_seconds": (closed_ns - held_ns) / 1e9,
+        "still_open_after_close": stats.open,
+        "unanswered_at_end": unanswered_at_end,
+        "unexpected_during_hold": unexpected_during_hold,
+        "unexpected_close_reasons": stats.unexpected_close_reasons,
+        "errors": stats.errors,
+        "late_pongs": stats.late_pongs,
+        "data_frames": stats.data_frames,
+        "protocol_errors": stats.protocol_errors,
+        "rtt_connect_phase_us": stats.rtt_connect_phase_us.to_dict(),
+        "hello_rtt_us": stats.hello_rtt_us.to_dict(),
+        "hello_sent": stats.hello_sent,
+        "last_confirmed_ns": stats.last_confirmed_ns,
+        "rtt_hold_us": stats.rtt_hold_us.to_dict(),
+        "connect_us": stats.connect_us.to_dict(),
+        "connect_started_ns": connect_started_ns,
+        "connect_done_ns": connect_done_ns,
+        "first_established_ns": stats.first_established_ns,
+        "last_established_ns": stats.last_established_ns,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "max_rss_bytes": usage.ru_maxrss * 1024,
+        "sources": cfg.sources,
+    }
 
 
 def _cpu_seconds() -> float:
@@ -1251,6 +1308,12 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(100_000, 50, 1000)
+
+    if config.loop == "epoll":
+        from tidegate.bench.epoll_client import EpollRawClient
+
+        EpollRawClient(config).run()
+        return 0
 
     async def amain() -> None:
         await ClientProcess(config).run()

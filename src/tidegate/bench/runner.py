@@ -187,8 +187,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--connect-phase-timeout", type=_positive_float, metavar="SECONDS",
                    help="timeout of the whole connect phase (default: max(60, N/2000); ws: "
                    "max(60, N/250): each connect is an upgrade, a token check and a subscribe)")
-    g.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop",
-                   help="event loop of the client processes (default: uvloop)")
+    g.add_argument("--client-loop", choices=("epoll", "uvloop", "asyncio"),
+                   help="event loop of the client processes: epoll (raw only: a bare "
+                   "select.epoll, the cheapest per heartbeat), uvloop or asyncio (default: epoll "
+                   "for raw, uvloop for ws)")
 
     g = parser.add_argument_group("output")
     g.add_argument("--json", metavar="PATH", help="write the report there as JSON")
@@ -709,6 +711,7 @@ class Bench:
         self.before: dict[str, Any] = {}
         self.go_ns = 0
         self.ws = args.protocol == "ws"
+        self.client_loop = args.client_loop or ("uvloop" if self.ws else "epoll")
         self.broadcast_on = self.ws and args.broadcast_rate > 0
         # ws: the gateway's config (path), its token secret and API key.
         self.server_config: str | None = None
@@ -727,6 +730,7 @@ class Bench:
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": [sys.executable, *sys.argv],
             "config": {k: v for k, v in sorted(vars(a).items()) if not callable(v)},
+            "client_loop": self.client_loop,
             "host": {
                 "hostname": platform.node(),
                 "kernel": platform.release(),
@@ -871,7 +875,7 @@ class Bench:
                 max_inflight=a.max_inflight, ping_interval_s=a.ping_interval,
                 pong_timeout_s=a.pong_timeout, connect_timeout_s=a.connect_timeout,
                 close_mode=a.close_mode, hello=a.hello, established_on=a.established_on,
-                lifetime_s=lifetime_s, loop=a.client_loop, channel=a.channel,
+                lifetime_s=lifetime_s, loop=self.client_loop, channel=a.channel,
                 broadcast_count=a.broadcast_count if self.broadcast_on else 0)
             log_path = os.path.join(self.workdir, f"client-{plan.index}.log")
             client_env = env
@@ -1910,6 +1914,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return EXIT_SETUP
     if args.established_on == "pong" and not args.hello and args.protocol != "ws":
         print("tidegate bench: --established-on pong needs the hello (drop --no-hello)",
+              file=sys.stderr)
+        return EXIT_SETUP
+    if args.client_loop == "epoll" and args.protocol != "raw":
+        print("tidegate bench: --client-loop epoll speaks raw only (ws: uvloop or asyncio)",
               file=sys.stderr)
         return EXIT_SETUP
     if args.server_status_file and not args.target:

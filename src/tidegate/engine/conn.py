@@ -24,6 +24,9 @@ PAUSED = 4  # the transport's write buffer is above its high-water mark
 CLOSING = 8
 # Moving between workers (engine/stealing.py): leaving is no close, arriving no accept.
 MIGRATING = 16
+# Chosen by the eviction controller, its turn in the run queue not come yet (engine/eviction.py):
+# no later tick picks it again, and it does not move to another worker meanwhile.
+EVICTING = 32
 
 
 class Conn(asyncio.BufferedProtocol):

@@ -1,7 +1,8 @@
 """The supervisor <-> worker control channel: a SOCK_SEQPACKET pair, one message per packet.
 
 Worker -> supervisor: ``R`` ready, ``S`` stats (JSON). Supervisor -> worker: ``F`` with file
-descriptors attached (SCM_RIGHTS): accepted sockets handed to this worker.
+descriptors attached (SCM_RIGHTS): accepted sockets handed to this worker; ``D`` drain. The
+other kinds are below.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ MEMBERS = b"M"
 # with fds; supervisor -> worker: 2-byte sender index + payload, the fds passed on.
 STEAL = b"W"
 LOADS = b"w"  # supervisor -> every worker: JSON list of connections per worker (-1: not up)
+# The node drains (Supervisor._shutdown): supervisor -> worker "stop stealing", worker ->
+# supervisor the same kind back once it has stopped; then supervisor -> worker "drain now".
+STEAL_OFF = b"x"
+DRAIN = b"D"
 _JSON_KINDS = (READY, STATS)
 MAX_FDS_PER_MESSAGE = 64
 _MAX_MSG = 8 << 20  # relayed history replies can hold many publications

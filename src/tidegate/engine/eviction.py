@@ -19,6 +19,15 @@ nothing.
 Choosing victims ranks every connection of the worker (one handler call each, only on a tick
 above a ceiling) and keeps the ``n`` smallest with ``heapq.nsmallest``: O(N log n), no sort of
 all N.
+
+The evictions themselves are a job of the worker's run queue (engine/runqueue.py, like the
+drain's goodbyes and the hub's big fan-outs), ``EVICT_STEP`` per step: a batch of thousands
+(a disconnect push and a close each) never holds the loop longer than a slice, heartbeats and
+accepts run in between. The tick marks its victims ``EVICTING`` at once: a later tick neither
+picks them again nor counts them among the connections it measures (they are on their way
+out, like closing ones), and work stealing does not move them. When its turn comes, each victim
+is looked at again: gone, closing or protected meanwhile, it is left alone; once the worker
+drains, the drain's goodbye replaces the eviction.
 """
 
 from __future__ import annotations
@@ -28,12 +37,12 @@ import heapq
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from tidegate import log
-from tidegate.engine.conn import CLOSING, Conn
+from tidegate.engine.conn import CLOSING, EVICTING, Conn
 from tidegate.observe import trace
 from tidegate.observe.histogram import Histogram
 
@@ -46,6 +55,7 @@ __all__ = ["Ceilings", "EvictionController", "Measurements", "Plan", "plan", "se
 _log = log.get("eviction")
 T = TypeVar("T")
 LOG_SAMPLE = 5  # victims described per log line (the rest are counted)
+EVICT_STEP = 8  # evictions per run-queue step (a gateway one is a disconnect push and a close)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +225,7 @@ class EvictionController:
         self.would_evict: collections.Counter[str] = collections.Counter()
         self.last = Measurements()
         self.last_plan = Plan(False, 0, (), ())
+        self.pending = 0  # victims marked EVICTING whose run-queue job has not reached them
         self._cpu = CpuMeter()
         self._lag = LagMeter(worker.stall.lag if worker.stall is not None else None)
         self._next_at = worker.loop.time() + self.interval_s
@@ -242,7 +253,8 @@ class EvictionController:
     def measure(self) -> Measurements:
         w = self._w
         return Measurements(
-            connections=w.active - len(w.close_reasons),  # closing ones are on their way out
+            # closing ones and the victims of earlier ticks still queued are on their way out
+            connections=w.active - len(w.close_reasons) - self.pending,
             rss_bytes=rss_bytes(),
             cpu_percent=round(self._cpu.percent(), 1),
             loop_lag_ms=round(self._lag.p99_ms(), 1),
@@ -275,9 +287,37 @@ class EvictionController:
         if self.dry_run:
             self.would_evict.update(classes)
             return len(victims)
-        for c, cls in zip(victims, classes, strict=True):
-            self._evict(c, cls)
+        for c in victims:
+            c._flags |= EVICTING
+        self.pending += len(victims)
+        self._w.runqueue.submit(self._evict_job(victims), "evict")
         return len(victims)
+
+    def _evict_job(self, victims: list[Conn]) -> Iterator[None]:
+        """The run-queue job of one tick: its victims, ``EVICT_STEP`` per step, each looked
+        at again when its turn comes (see the module doc)."""
+        w = self._w
+        done = 0
+        try:
+            for c in victims:
+                done += 1
+                # not marked any more: it left meanwhile (Worker.conn_lost unmarked it)
+                if (self.unmark(c) and not c._flags & CLOSING and not w.stopping
+                        and c._h.eviction_rank(c) is not None):  # (None: protected since)
+                    self._evict(c, c._h.eviction_class(c))
+                if done % EVICT_STEP == 0:
+                    yield
+        finally:  # cancelled or failed: the rest are free again (and pending stays right)
+            for c in victims[done:]:
+                self.unmark(c)
+
+    def unmark(self, c: Conn) -> bool:
+        """``c`` is no victim-in-waiting any more; True if it was one."""
+        if c._flags & EVICTING:
+            c._flags &= ~EVICTING
+            self.pending -= 1
+            return True
+        return False
 
     def _evict(self, c: Conn, cls: str) -> None:
         w = self._w
@@ -314,6 +354,7 @@ class EvictionController:
         """For Worker.stats (JSON-safe)."""
         return {
             "shedding": self.shedding,
+            "pending": self.pending,
             "dry_run": self.dry_run,
             "ticks": self.ticks,
             "episodes": self.episodes,
@@ -329,7 +370,7 @@ class EvictionController:
 
 
 def _rank(c: Conn) -> tuple[Any, ...] | None:
-    if c._flags & CLOSING:
+    if c._flags & (CLOSING | EVICTING):  # on their way out already
         return None
     return c._h.eviction_rank(c)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 
 from tidegate.engine.options import EngineOptions
 
@@ -36,3 +37,19 @@ def listening_socket(opts: EngineOptions, port: int, *, reuseport: bool, listen:
         sock.close()
         raise
     return sock
+
+
+_TCP_INFO_HEAD = struct.Struct("=8B5I")  # struct tcp_info up to tcpi_unacked
+
+
+def accept_queue_length(sock: socket.socket) -> int:
+    """Connections the kernel has established on listening ``sock`` that nobody accepted yet
+    (a listener's ``tcpi_unacked`` is its accept queue: what ``ss -lnt`` shows as Recv-Q);
+    0 when the kernel will not say."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_HEAD.size)
+    except OSError:
+        return 0
+    if len(info) < _TCP_INFO_HEAD.size:
+        return 0
+    return int(_TCP_INFO_HEAD.unpack_from(info)[12])

@@ -27,7 +27,7 @@ class EngineOptions:
     # than steal_slack_ratio, or at all while another is over it by that much) takes up to
     # steal_max_per_tick idle connections (silent steal_min_idle_ms) from busier workers, in at
     # most steal_tries_per_tick requests. Only apps whose handler exports connection state
-    # (the echo app; not the gateway yet); never TLS. steal_max_per_tick 0 = off.
+    # (the echo app, the gateway's sessions); never TLS. steal_max_per_tick 0 = off.
     steal_tick_s: float = 1.0
     steal_max_per_tick: int = 1024
     steal_tries_per_tick: int = 16

@@ -34,6 +34,9 @@ full) goes back the same way. Connections inside a message when its receiver die
 the kernel: those clients see a disconnect, like every client of a worker that dies (the
 supervisor counts ``dropped`` when it sees it). TLS connections never move: their session lives
 in this process's OpenSSL state.
+
+Drains: stealing stops node-wide before any worker lists its connections for the drain
+(:meth:`Router.freeze`), so a drain never has a connection move under it.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from tidegate import log
 from tidegate.engine import control
-from tidegate.engine.conn import CLOSING, MIGRATING, PAUSED, PING_OUT, READY, Conn
+from tidegate.engine.conn import CLOSING, EVICTING, MIGRATING, PAUSED, PING_OUT, READY, Conn
 from tidegate.engine.handler import EventHandler
 from tidegate.observe import trace
 
@@ -60,7 +63,7 @@ if TYPE_CHECKING:
 
 _log = log.get("stealing")
 
-KINDS = (control.STEAL, control.LOADS)
+KINDS = (control.STEAL, control.LOADS, control.STEAL_OFF)
 # The first byte of a STEAL message's payload, after the 2-byte worker index (the target on the
 # way to the supervisor, the sender on the way out of it).
 REQUEST = b"q"  # thief -> victim: how many (u32) and the mean the thief saw (f64)
@@ -68,8 +71,9 @@ REFUSE = b"n"  # victim -> thief: nothing to give now
 CONNS = b"c"  # victim -> thief, fds attached: pickled [(listener, idle_ms, state), ...]
 RETURNED = b"r"  # supervisor -> victim: a CONNS it could not deliver, fds attached
 _REQ = struct.Struct(">Id")
-# Flags a migratable connection has: exactly READY (not pinged, paused, closing or moving).
-_FLAG_MASK = READY | PING_OUT | PAUSED | CLOSING | MIGRATING
+# Flags a migratable connection has: exactly READY (not pinged, paused, closing, moving or
+# about to be evicted).
+_FLAG_MASK = READY | PING_OUT | PAUSED | CLOSING | MIGRATING | EVICTING
 _SCAN_PER_CONN = 16  # connections looked at per one asked for, before the victim gives up
 
 
@@ -99,7 +103,7 @@ class Stealer:
     """A worker's side: thief when a load table arrives, victim when asked, and adopter."""
 
     __slots__ = (
-        "w", "enabled", "adopting", "_movable", "_listener", "_min_idle_ticks", "_mean",
+        "w", "enabled", "frozen", "adopting", "_movable", "_listener", "_min_idle_ticks", "_mean",
         "_victims", "_tries", "_budget", "_asked", "_asked_from", "_asked_at",
         "migrated_in", "migrated_out", "attempts", "refusals", "refused", "returned",
         "lost", "unmovable", "bounced",
@@ -113,6 +117,7 @@ class Stealer:
         self.enabled = (o.steal_max_per_tick > 0 and w.ctrl is not None and w.workers_total > 1
                         and w.ssl_context is None and any(self._movable))
         self._min_idle_ticks = math.ceil(o.steal_min_idle_ms / 1000 / o.tick_s)
+        self.frozen = False  # the node (or this worker) drains: nothing moves any more
         self.adopting = 0  # sockets received, not yet adopted (they count as ours)
         self._mean = 0.0
         self._victims: list[int] = []  # this tick's candidates, shuffled; the next one first
@@ -129,7 +134,7 @@ class Stealer:
         self.returned = 0  # own connections back (undeliverable hand-overs)
         self.lost = 0  # requests never answered, sockets that died in flight
         self.unmovable = 0  # picked, but the handler kept them (export_state None)
-        self.bounced = 0  # arrivals sent back: no room here
+        self.bounced = 0  # arrivals sent back: no room here, or stealing stopped
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -144,6 +149,10 @@ class Stealer:
 
     # ---- messages --------------------------------------------------------------------
     def on_control(self, kind: bytes, body: bytes, fds: list[int]) -> None:
+        if kind == control.STEAL_OFF:  # the node drains: stop, and say so (see Router.freeze)
+            self.freeze()
+            self.w.send_control(control.STEAL_OFF, b"")
+            return
         if kind == control.STEAL and body[2:3] in (CONNS, RETURNED):
             self._arrive(int.from_bytes(body[:2], "big"), body[3:], fds, body[2:3] == RETURNED)
             return
@@ -160,16 +169,23 @@ class Stealer:
             self.refusals += 1
             self._answered(self._asked, 0)
 
+    def freeze(self) -> None:
+        """Stealing stops for good here: no request sent, none granted; hand-overs that still
+        arrive from others go back to their sender (see ``_arrive``)."""
+        self.frozen = True
+        self._victims = []
+
     def _send(self, target: int, payload: bytes) -> bool:
         return self.w.send_control(control.STEAL, target.to_bytes(2, "big") + payload)
 
     # ---- thief -----------------------------------------------------------------------
     def _load(self) -> int:
-        return self.w.active + self.adopting + self._asked
+        # The accept queue too: connections the kernel gave us that we have not accepted yet.
+        return self.w.active + self.w.accept_queue() + self.adopting + self._asked
 
     def _on_loads(self, loads: list[int]) -> None:
         w = self.w
-        if not self.enabled or w.stopping:
+        if not self.enabled or self.frozen or w.stopping:
             return
         if self._asked:
             if w.loop.time() - self._asked_at < 2 * w.opts.steal_tick_s:
@@ -199,7 +215,7 @@ class Stealer:
         load = self._load()
         want = min(math.ceil(self._mean) - load, w.capacity - load, self._budget,
                    control.MAX_FDS_PER_MESSAGE)
-        if want <= 0 or self._tries <= 0 or not self._victims or w.stopping:
+        if want <= 0 or self._tries <= 0 or not self._victims or self.frozen or w.stopping:
             self._victims = []
             return
         victim = self._victims[0]
@@ -221,7 +237,7 @@ class Stealer:
     def _give(self, thief: int, want: int, mean: float) -> None:
         w = self.w
         n = 0
-        if self.enabled and not w.stopping:
+        if self.enabled and not (self.frozen or w.stopping):
             n = min(want, w.active - math.floor(mean), control.MAX_FDS_PER_MESSAGE)
         given = self._hand_over(thief, self._pick(n)) if n > 0 else 0
         if not given:
@@ -321,7 +337,8 @@ class Stealer:
         if asked:
             self._asked = 0  # from here they count in self.adopting
         full = len(fds) > w.capacity - w.active - self.adopting  # possible for a late answer
-        if not returned and (full or w.stopping) and self._send_back(src, payload, fds):
+        closed = self.frozen or w.stopping
+        if not returned and (full or closed) and self._send_back(src, payload, fds):
             self.bounced += len(fds)  # the victim keeps them
             fds = []
         for (listener, idle_ms, state), fd in zip(records, fds, strict=False):
@@ -375,7 +392,7 @@ class Stealer:
         w.wheel.schedule(c, w.wheel.now + 1)  # the wheel's check finds its real deadline
         w.trace.record_instant(trace.ACCEPT, id(c), migrated=True)
         self._import(c, state)
-        w.arrived_while_draining(c)
+        w.arrived_after_snapshot(c)
 
     def _import(self, c: Conn, state: bytes) -> None:
         try:
@@ -386,24 +403,62 @@ class Stealer:
 
 
 class Router:
-    """The supervisor's side: the load table every ``steal_tick_s``, and STEAL routing."""
+    """The supervisor's side: the load table every ``steal_tick_s``, and STEAL routing.
 
-    __slots__ = ("sup", "enabled", "_next_at", "routed", "returned", "dropped")
+    When the node drains, :meth:`freeze` stops stealing node-wide *before* any worker takes its
+    drain's snapshot (Supervisor._shutdown): no load table goes out any more, every worker is
+    told ``STEAL_OFF`` and stops asking and giving, a request still on its way is refused here
+    and a hand-over still on its way goes back to its sender (``RETURNED``: the socket stays
+    with its owner). A worker answers ``STEAL_OFF`` after every message it sent before, so
+    once all have answered nothing is in flight but those returns, already written to their
+    owners' channels ahead of the ``DRAIN`` that follows: each owner adopts its sockets back
+    before its drain begins.
+    """
+
+    __slots__ = ("sup", "enabled", "frozen", "_unconfirmed", "_next_at", "routed", "returned",
+                 "dropped", "kept")
 
     def __init__(self, sup: Supervisor) -> None:
         o = sup.opts
         self.sup = sup
         self.enabled = o.steal_max_per_tick > 0 and not (o.tls_cert_file and o.tls_key_file)
+        self.frozen = False
+        self._unconfirmed: set[int] = set()  # workers told STEAL_OFF that have not answered
         self._next_at = 0.0
         self.routed = 0  # connections passed from a victim to a thief
         self.returned = 0  # connections sent back to their victim: the thief was gone
         self.dropped = 0  # connections lost: neither end could take them
+        self.kept = 0  # of the returned: stopped on their way by the freeze (drain)
 
     def stats(self) -> dict[str, int]:
-        return {"routed": self.routed, "returned": self.returned, "dropped": self.dropped}
+        return {"routed": self.routed, "returned": self.returned, "dropped": self.dropped,
+                "kept": self.kept}
+
+    # ---- the drain ---------------------------------------------------------------------
+    def freeze(self) -> None:
+        """Stop stealing node-wide; :meth:`settled` says when every worker has stopped."""
+        if self.frozen:
+            return
+        self.frozen = True
+        if not self.enabled:
+            return  # nothing ever moves
+        for s in self.sup.slots:
+            if s.pid and s.ctrl is not None:
+                self.sup._send(s, control.STEAL_OFF)
+                self._unconfirmed.add(s.index)
+
+    def stopped(self, slot: WorkerSlot) -> None:
+        """``slot`` answered STEAL_OFF: it will neither give nor ask any more."""
+        self._unconfirmed.discard(slot.index)
+
+    def settled(self) -> bool:
+        """Every live worker told STEAL_OFF has answered (a dead one never will)."""
+        slots = self.sup.slots
+        self._unconfirmed = {i for i in self._unconfirmed if slots[i].ctrl is not None}
+        return not self._unconfirmed
 
     def tick(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self.frozen:
             return
         now = time.monotonic()
         if now < self._next_at:
@@ -424,6 +479,8 @@ class Router:
         target, payload = int.from_bytes(body[:2], "big"), body[2:]
         slots = self.sup.slots
         try:
+            if self.frozen and self._stopped_on_the_way(src, target, payload, fds):
+                return
             out = control.STEAL + src.index.to_bytes(2, "big") + payload
             if target < len(slots) and self._deliver(slots[target], out, fds):
                 self.routed += len(fds)
@@ -440,6 +497,23 @@ class Router:
         finally:
             for fd in fds:  # ours are copies: the receiver holds its own now
                 os.close(fd)
+
+    def _stopped_on_the_way(self, src: WorkerSlot, target: int, payload: bytes,
+                            fds: list[int]) -> bool:
+        """Frozen (the node drains): a request is refused for its victim, a hand-over goes
+        back to its sender. False: pass it on as usual (a refusal; a hand-over whose sender
+        cannot take it back, so the thief is its only chance)."""
+        sub = payload[:1]
+        if sub == REQUEST:
+            self.sup._send(src, control.STEAL + target.to_bytes(2, "big") + REFUSE)
+            return True
+        if sub == CONNS and fds:
+            back = control.STEAL + target.to_bytes(2, "big") + RETURNED + payload[1:]
+            if self._deliver(src, back, fds):
+                self.returned += len(fds)
+                self.kept += len(fds)
+                return True
+        return False
 
     def _deliver(self, slot: WorkerSlot, msg: bytes, fds: list[int]) -> bool:
         if slot.ctrl is None or not slot.ready:

@@ -34,6 +34,9 @@ from tidegate.engine.options import EngineOptions
 
 _log = log.get("supervisor")
 HandlerFactory = Callable[[], "EventHandler | list[EventHandler]"]
+# How long a drain waits for the workers to confirm that stealing stopped (a round trip on each
+# control channel; longer only for a worker whose loop is stuck).
+STEAL_SETTLE_S = 2.0
 
 
 @dataclass
@@ -50,9 +53,11 @@ class WorkerSlot:
     outbox: collections.deque[bytes] = field(default_factory=collections.deque)
 
     def load(self) -> int:
-        """Connections it holds plus sockets handed to it that it has not reported yet."""
+        """Connections it holds, those waiting in its accept queue, and sockets handed to it
+        that it has not reported yet."""
         in_flight = self.handoff_sent - int(self.stats.get("handoff_received", 0))
-        return int(self.stats.get("active", 0)) + max(0, in_flight)
+        held = int(self.stats.get("active", 0)) + int(self.stats.get("accept_queue", 0))
+        return held + max(0, in_flight)
 
 
 def plan_workers(opts: EngineOptions) -> int:
@@ -270,6 +275,8 @@ class Supervisor:
                 _log.info("worker ready", extra={"worker": slot.index, "worker_pid": slot.pid})
             elif kind == control.STATS and body is not None:
                 slot.stats = body
+            elif kind == control.STEAL_OFF:
+                self._stealing.stopped(slot)
 
     def _send(self, slot: WorkerSlot, msg: bytes) -> None:
         """Send in order; what the worker's socket cannot take now waits in its outbox."""
@@ -394,9 +401,23 @@ class Supervisor:
                 self._sel.unregister(sock)
                 sock.close()
             self._listens = []
+        # Stealing stops node-wide first: no connection may move in or out of a worker once it
+        # has taken its drain's snapshot (see stealing.Router).
+        self._stealing.freeze()
+        settle_by = time.monotonic() + STEAL_SETTLE_S
+        while not self._stealing.settled() and time.monotonic() < settle_by:
+            self._poll(0.05)
+            self._reap()
+        if not self._stealing.settled():
+            _log.warning("workers did not confirm that stealing stopped; draining anyway")
+        # Then the drains, by a message on each worker's channel: it comes after the hand-overs
+        # sent back to it (a signal could overtake them).
         for slot in self.slots:
             if slot.pid:
-                _kill(slot.pid, signal.SIGTERM)
+                if slot.ctrl is not None:
+                    self._send(slot, control.DRAIN)
+                else:
+                    _kill(slot.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.opts.drain_s + self.opts.shutdown_grace_s + 2
         while any(s.pid for s in self.slots) and time.monotonic() < deadline:
             self._poll(0.1)
@@ -409,7 +430,8 @@ class Supervisor:
         while any(s.pid for s in self.slots):
             self._reap()
             time.sleep(0.01)
-        _log.info("stopped", extra={"restarts": self.restarts})
+        _log.info("stopped", extra={"restarts": self.restarts, **{
+            f"steal_{k}": v for k, v in self._stealing.stats().items()}})
 
     def _cleanup(self) -> None:
         signal.set_wakeup_fd(-1)

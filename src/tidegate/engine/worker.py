@@ -15,12 +15,12 @@ from typing import Any
 from tidegate import log
 from tidegate.engine import control, gc_control, stealing, tls
 from tidegate.engine.blocking import BlockingPool
-from tidegate.engine.conn import CLOSING, MIGRATING, PING_OUT, READY, Conn
+from tidegate.engine.conn import CLOSING, EVICTING, MIGRATING, PING_OUT, READY, Conn
 from tidegate.engine.eviction import EvictionController
 from tidegate.engine.handler import EventHandler
 from tidegate.engine.limits import raise_nofile
 from tidegate.engine.loop import new_event_loop
-from tidegate.engine.netopt import listening_socket
+from tidegate.engine.netopt import accept_queue_length, listening_socket
 from tidegate.engine.options import EngineOptions
 from tidegate.engine.runqueue import RunQueue
 from tidegate.engine.wheel import TimingWheel
@@ -40,6 +40,7 @@ def current_worker_index() -> tuple[int, int]:
     return int(_current["index"]), int(_current["workers_total"])
 STATS_INTERVAL_S = 1.0
 DRAIN_STEP = 8  # goodbyes per run-queue step (a gateway one costs tens of us)
+ADOPT_WAIT_S = 1.0  # at most, for sockets on their way in before a drain lists its connections
 
 
 class Worker:
@@ -130,12 +131,15 @@ class Worker:
         self.stopping = False
         self._stopped = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
+        self._listen_socks: list[socket.socket] = []  # this worker's SO_REUSEPORT listeners
         self.ssl_context = tls.server_context(opts)
         self._t0 = 0.0
         self._real_tick = 0
         self._last_stats = 0.0
         self.stats_cpu_s = 0.0
-        self._drained = False  # the drain's goodbyes are all out: later arrivals get theirs now
+        self._snapshot_taken = False  # the drain's list of connections is made
+        self.drain_late = 0  # connections that arrived after it (see arrived_after_snapshot)
+        self.drain_goodbyes = 0  # connections the drain said goodbye to (on_drain)
         self.stealer = stealing.Stealer(self)  # connections moved between workers
 
     # ---- connection lifecycle (called by Conn) --------------------------------------
@@ -200,6 +204,8 @@ class Worker:
                     self._per_ip[ip] = left
                 else:
                     del self._per_ip[ip]
+        if c._flags & EVICTING and self.eviction is not None:
+            self.eviction.unmark(c)  # left before its eviction's turn came
         self.wheel.cancel(c)
         self.paused.pop(c, None)
         self.active -= 1
@@ -229,9 +235,21 @@ class Worker:
         rtt_ms = (self.loop.time() - self._t0) * 1000 - c._ping_ms
         self.heartbeat_rtt.observe(rtt_ms / 1000)
 
-    def arrived_while_draining(self, c: Conn) -> None:
-        """A connection handed over after this worker's drain said its goodbyes."""
-        if self._drained and not c.closing:
+    def arrived_after_snapshot(self, c: Conn) -> None:
+        """A connection adopted (work stealing) after the drain listed this worker's.
+
+        A safety net, idle when the supervisor drains the node: it stops stealing node-wide
+        and waits for every worker to confirm before any drain begins (stealing.Router), and
+        the drain adopts the sockets already on their way in before it lists its connections.
+        It remains for a worker that drains without the supervisor's say: one signalled
+        directly (systemd's default KillMode=control-group sends SIGTERM to every process of
+        the unit at once; an operator's kill of one worker), or one that did not confirm the
+        freeze within STEAL_SETTLE_S. A hand-over it made just before can then come back
+        (``RETURNED``: the thief was draining too, or gone) after its list was made: the
+        connection gets its goodbye now rather than the abort at the end of the drain.
+        """
+        if self._snapshot_taken and not c.closing:
+            self.drain_late += 1
             for _ in self._drain_batch([c]):
                 pass
 
@@ -333,16 +351,27 @@ class Worker:
         nxt = self._t0 + (self.wheel.now + 1) * self.opts.tick_s
         self.loop.call_at(nxt, self._tick)
 
+    def accept_queue(self) -> int:
+        """Connections waiting in this worker's SO_REUSEPORT accept queues: the kernel chose
+        this worker for them, they are its load as much as the accepted ones. A worker slow
+        to accept (starved of CPU) looks light by ``active`` alone, steals, then accepts its
+        backlog on top and runs into its capacity: the 485k run's 181 capacity refusals all
+        came from one worker that had stolen 5,858 connections while no other one held more
+        than 18,054 of its 19,744."""
+        return sum(accept_queue_length(s) for s in self._listen_socks)
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "index": self.index,
             "pid": os.getpid(),
             "active": self.active,
+            "accept_queue": self.accept_queue(),
             "stats_cpu_seconds": round(self.stats_cpu_s, 6),
             "accepted": self.accepted_total,
             "refused": self.refused_total,
             "refusals": dict(self.refusals),
             "handoff_received": self.handoff_received,
+            "drain_late": self.drain_late,
             "pings_sent": self.pings_sent,
             "closes": dict(self.closes),
             "capacity": self.capacity,
@@ -398,6 +427,9 @@ class Worker:
                 self.stop()
                 return
             kind, body, fds = msg
+            if kind == control.DRAIN:  # from the supervisor, once stealing stopped node-wide
+                self.stop()
+                continue
             if kind == control.FDS:
                 listener = body[0] if body else 0
                 for fd in fds:
@@ -448,6 +480,7 @@ class Worker:
         self._t0 = self.loop.time()
         for port, conn_class in zip(listen_ports or [], self.conn_classes, strict=False):
             sock = listening_socket(self.opts, port, reuseport=True)
+            self._listen_socks.append(sock)
             self._servers.append(
                 await self.loop.create_server(
                     conn_class, sock=sock, backlog=self.opts.backlog, ssl=self.ssl_context
@@ -507,6 +540,7 @@ class Worker:
         """The drain of ``conns``, DRAIN_STEP connections per run-queue step."""
         for n, c in enumerate(conns, 1):
             if not c.closing:
+                self.drain_goodbyes += 1
                 self.close_reasons.setdefault(c, "drain")
                 try:
                     c._h.on_drain(c)
@@ -526,7 +560,15 @@ class Worker:
                 h.on_shutdown(self)
             except Exception:
                 _log.exception("on_shutdown failed")
+        # Nothing moves in or out once the list below is made: stealing stops here (the supervisor
+        # stopped it node-wide before it sent DRAIN), and the sockets on their way in - sent back
+        # to us before the DRAIN, or handed to us before stealing stopped - are adopted first.
+        self.stealer.freeze()
+        settle_by = self.loop.time() + ADOPT_WAIT_S
+        while self.stealer.adopting and self.loop.time() < settle_by:
+            await asyncio.sleep(0.005)
         conns = self.connections()
+        self._snapshot_taken = True
         _log.info("draining", extra={"connections": len(conns), "drain_s": self.opts.drain_s})
         steps = max(1, int(self.opts.drain_s / self.opts.tick_s))
         per_step = max(1, -(-len(conns) // steps))
@@ -540,17 +582,16 @@ class Worker:
                 pass  # logged by the run queue; the next batch goes on
             if i + per_step < len(conns):
                 await asyncio.sleep(self.opts.tick_s)
-        # Connections that arrived after the snapshot (work stealing: handed over or returned
-        # while both workers began to drain) get their goodbye too, not the abort at the end.
-        late = [c for c in self.connections() if not c.closing]
-        if late:
-            await self.runqueue.submit(self._drain_batch(late), "drain").wait()
-        self._drained = True
         deadline = time.monotonic() + self.opts.shutdown_grace_s
         while self.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for c in self.connections():
+        left = self.connections()
+        no_goodbye = sum(not c.closing for c in left)
+        for c in left:
             c.abort("shutdown")
+        _log.info("drained", extra={"goodbyes": self.drain_goodbyes, "late": self.drain_late,
+                                    "aborted": len(left), "no_goodbye": no_goodbye,
+                                    "worker": self.index})
         await asyncio.sleep(0)
         if self.stall is not None:
             self.stall.stop()

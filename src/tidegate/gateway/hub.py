@@ -147,6 +147,7 @@ class Hub:
     __slots__ = (
         "config", "broker", "_subs", "_jl", "_users", "_pending", "fanout_writes",
         "delivery_latency", "runqueue", "chunk_min", "_fanouts", "chunked_fanouts",
+        "_tops", "_epochs",
     )
 
     def __init__(self, config: GatewayConfig, broker: Broker) -> None:
@@ -167,6 +168,12 @@ class Hub:
         self.chunk_min = CHUNK_MIN_SUBSCRIBERS
         self._fanouts: dict[str, _Fanout] = {}  # channels with a chunked fan-out in progress
         self.chunked_fanouts = 0  # publications delivered by a run-queue job
+        # Stream positions this worker's subscribers are at (work stealing: a session that
+        # moves to another worker resumes from here, gateway/migration.py). Per channel, not
+        # per subscriber: the newest offset written here, and the stream's epoch when a
+        # positioned subscribe told us. Dropped with the channel's last local subscriber.
+        self._tops: dict[str, int] = {}
+        self._epochs: dict[str, str] = {}
         broker.register(self)
 
     def use_runqueue(self, rq: RunQueue | None, chunk_min: int = CHUNK_MIN_SUBSCRIBERS) -> None:
@@ -262,7 +269,45 @@ class Hub:
         if subs:
             return False
         del self._subs[channel]
+        if self._tops:
+            self._tops.pop(channel, None)
+        if self._epochs:
+            self._epochs.pop(channel, None)
         return True
+
+    # ---- stream positions (work stealing, gateway/migration.py) ---------------------------
+    def note_position(self, channel: str, epoch: str, offset: int) -> None:
+        """A positioned subscribe (or a resync) learned the stream's ``(offset, epoch)``. The
+        offset is kept only when none is known yet (or the epoch changed): publications still
+        on their way here must not be skipped by a session that moves."""
+        if not epoch:
+            return
+        if self._epochs.get(channel) != epoch:
+            self._epochs[channel] = epoch
+            self._tops[channel] = offset
+        elif channel not in self._tops:
+            self._tops[channel] = offset
+
+    def position(self, channel: str) -> tuple[int, str] | None:
+        """``(offset, epoch)`` of the newest publication written to the channel's subscribers
+        here (epoch "" when no positioned subscribe told it); None: no position known."""
+        top = self._tops.get(channel)
+        if top is None:
+            return None
+        return top, self._epochs.get(channel, "")
+
+    def migration_blocked(self, session: ClientSession, channels: list[str]) -> bool:
+        """``session`` cannot move now: it is subscribing somewhere (a reply or a buffer is on
+        its way), or one of its channels has a chunked fan-out in progress (queued writes)."""
+        if self._pending:
+            for pend in self._pending.values():
+                if session in pend:
+                    return True
+        if self._fanouts:
+            for channel in channels:
+                if channel in self._fanouts:
+                    return True
+        return False
 
     def subscribers(self, channel: str) -> frozenset[ClientSession]:
         return frozenset(self._subs.get(channel, ()))
@@ -347,6 +392,8 @@ class Hub:
         subs = self._subs.get(channel)
         if not subs:
             return
+        if pub.offset:
+            self._tops[channel] = pub.offset
         if self._pending:  # some subscribe is in flight (rare): buffer for its session
             subs = self._buffer_pending(channel, pub, subs)
             if not subs:

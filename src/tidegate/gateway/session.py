@@ -102,6 +102,8 @@ from tidegate.gateway.messages import (
     SubscribeRequest,
     SubscribeResult,
 )
+from tidegate.gateway.migration import SessionState, SubRecord
+from tidegate.gateway.migration import encode as encode_state
 from tidegate.gateway.node import Node, Resume, drive
 
 __all__ = ["ClientSession", "SubState", "Transport", "codec_for"]
@@ -472,6 +474,164 @@ class ClientSession:
         await self._announce(channel)
         return True
 
+    # ---- work stealing: moving to another worker (gateway/migration.py) --------------------
+    def export_state(self, kind: str) -> bytes | None:
+        """What another worker needs to carry on with this session (``kind``: its transport),
+        or None while it must stay: not fully connected, closed, a command or a subscribe in
+        progress, a chunked fan-out writing to one of its channels. Changes nothing: call
+        :meth:`detach` once the bytes are on their way."""
+        if (
+            self._flags & _LIVE_MASK != _CONNECTED
+            or self._busy is not None
+            or self._wbuf is not None
+        ):
+            return None
+        hub = self._node.hub
+        channels = self.channels()
+        if hub.migration_blocked(self, channels):
+            return None
+        subs = []
+        for channel, state in self._sub_items():
+            rec = SubRecord(channel, _sub_flags(state))
+            if isinstance(state, SubState):
+                rec.exp, rec.chan_info = state.exp, state.chan_info
+            pos = hub.position(channel)
+            if pos is not None:
+                rec.offset, rec.epoch = pos
+                rec.positioned = True
+            subs.append(rec)
+        st = SessionState(kind, self._client or "", self._user, self._conn_info, self._exp,
+                          self._priority, subs)
+        return encode_state(st)
+
+    def detach(self) -> None:
+        """Forget this session here without a goodbye: it goes on in another worker. Out of
+        the hub (and ``broker.unsubscribe`` where it was the channel's last local
+        subscriber); no leave push, no presence removal, nothing written. Closed from here on
+        (a fan-out snapshot that still holds it skips it)."""
+        if self._flags & _CLOSED:
+            return
+        self._flags |= _CLOSED
+        node = self._node
+        hub = node.hub
+        subs, self._subs = self._subs, None
+        hub.remove_session(self)
+        for channel in subs[::2] if subs else ():
+            if hub.remove_subscriber(channel, self):
+                drive(node.broker.unsubscribe(channel), node.inline)
+
+    @classmethod
+    def restore(cls, transport: Transport, node: Node, st: SessionState) -> ClientSession:
+        """The session :meth:`export_state` described, registered in this worker: hub (and
+        ``broker.subscribe`` for channels new here), no join push, no presence add (both
+        happened when it subscribed; presence lives with the channel's owner). Channels with
+        a stream position catch up on what the move may have skipped (:meth:`_resync`).
+        On failure it undoes itself (a real leave: the caller disconnects) and raises."""
+        fmt = "protobuf" if st.kind.endswith("protobuf") else "json"
+        s = cls(transport, node, fmt)
+        s._client = st.client
+        s._user = st.user
+        s._conn_info = st.conn_info
+        s._exp = st.exp
+        s._priority = st.priority
+        s._flags = _CONNECTED
+        hub = node.hub
+        todo: list[tuple[str, int, str]] = []
+        try:
+            hub.add_session(s)
+            for rec in st.subs:
+                channel = sys.intern(rec.channel)
+                state: int | SubState = rec.flags
+                if rec.exp or rec.chan_info is not None:
+                    state = SubState(rec.flags, rec.exp, rec.chan_info)
+                    if rec.exp:
+                        s._flags |= _EXPIRING_SUBS
+                s._sub_put(channel, state)
+                opts = node.config.channel_options(channel)
+                if rec.positioned and opts is not None and opts.history_enabled:
+                    first = hub.add_pending(channel, s)  # buffered until _resync caught up
+                    todo.append((channel, rec.offset, rec.epoch))
+                else:
+                    first = hub.add_subscriber(channel, s, bool(rec.flags & SUB_JOIN_LEAVE))
+                if first:
+                    drive(node.broker.subscribe(channel), node.inline)
+            if todo:
+                s._start_resync(todo)
+        except BaseException:
+            s._flags |= _CLOSED
+            s._teardown()
+            raise
+        return s
+
+    def _start_resync(self, todo: list[tuple[str, int, str]]) -> None:
+        """Run :meth:`_resync` synchronously while the broker answers inline, in the session's
+        task (commands arriving meanwhile wait behind it, as during any command) from its
+        first real wait on."""
+        coro = self._resync(todo)
+        if self._node.inline:
+            try:
+                first = coro.send(None)
+            except StopIteration:
+                return
+            self._start_task(Resume(coro, first), [], 0)
+        else:
+            self._start_task(coro, [], 0)
+
+    async def _resync(self, todo: list[tuple[str, int, str]]) -> None:
+        """After a move: for each ``(channel, offset, epoch)`` the old worker had written up
+        to, write what the stream has after it (the publications the move may have skipped),
+        then switch the pending hub entry to normal delivery with the buffered publications
+        past that. A position the stream cannot continue: 3010 (the SDK reconnects and
+        recovers)."""
+        node = self._node
+        broker = node.broker
+        cfg = node.config
+        for channel, offset, epoch in todo:
+            if self._flags & _CLOSED:
+                return
+            opts = cfg.channel_options(channel)
+            if opts is None:
+                self.disconnect(DISCONNECT_INSUFFICIENT_STATE)
+                return
+            try:
+                if not epoch:  # no positioned subscribe told the old worker: today's epoch
+                    top = await broker.history(
+                        channel,
+                        history_size=opts.history_size,
+                        history_ttl_s=opts.history_ttl_s,
+                        limit=0,
+                    )
+                    epoch = top.epoch
+                rr = await broker.recover(
+                    channel,
+                    offset,
+                    epoch,
+                    history_size=opts.history_size,
+                    history_ttl_s=opts.history_ttl_s,
+                    max_publications=cfg.recovery_max_publications,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("resync of %r after a move failed: %s", channel, exc)
+                self.disconnect(DISCONNECT_INSUFFICIENT_STATE)
+                return
+            if self._flags & _CLOSED:
+                return
+            if not rr.recovered:
+                self.disconnect(DISCONNECT_INSUFFICIENT_STATE)
+                return
+            encode = self.codec.encode_publication
+            try:
+                for pub in rr.publications:
+                    if pub.offset > offset:
+                        self._reply(encode(channel, pub))
+            except NotJSON:
+                self.disconnect(DISCONNECT_INAPPROPRIATE_PROTOCOL)
+                return
+            node.hub.note_position(channel, rr.epoch, rr.offset)
+            self._activate(channel, SubscribeResult(positioned=True, offset=max(rr.offset, offset)))
+
     # ---- the RPC fast path (entered from handle_message) ----------------------------------
     def _rpc_result(self, id_digits: bytes, req_data: bytes, res: Any) -> bytes:
         """The reply to write for a JSON message holding one compact ``rpc`` command
@@ -779,6 +939,8 @@ class ClientSession:
             raise
         result.recoverable = recoverable
         result.positioned = positioned
+        if result.epoch:  # where this worker's subscribers are: a session that moves resumes there
+            hub.note_position(channel, result.epoch, result.offset)
         if exp:
             result.expires, result.ttl = True, self._ttl(exp)
         # still pending in the hub: the caller writes the reply, then calls _activate

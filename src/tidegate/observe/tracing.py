@@ -6,12 +6,27 @@ calls, continuing the caller's trace from its ``traceparent`` header; ``publish`
 ``deliver`` (per worker, linked through the relayed publication) for publish-to-delivery.
 
 Configure with ``tracing_exporter`` = ``none`` | ``console`` | ``otlp`` (the OTLP/HTTP
-exporter honours ``OTEL_EXPORTER_OTLP_ENDPOINT``) and ``tracing_sample_ratio``.
+exporter honours ``OTEL_EXPORTER_OTLP_ENDPOINT`` and the other ``OTEL_EXPORTER_OTLP_*``
+variables) and ``tracing_sample_ratio``.
+
+Memory (18,000 WebSocket connections on one worker, 1% sampling, 2026-11-27,
+``bench/observability_overhead.py``): the spans are not what tracing costs. A sampled connect's
+three spans live ~1 s, until the batch export, and nothing of them stays: from 9,000 to 18,000
+connections a connection adds 1,984 B traced, 1,966 B untraced, 1,944 B with everything off.
+A traced worker pays once instead, at boot: the SDK, protobuf and the exporter's HTTP client
+(several MB of RSS), and ~2 MB of heap: the untraced worker has that much left free by its
+imports, which its first connections fill without growing, while the traced one has filled it
+with the SDK (malloc's free bytes after a worker's imports, in one process: 2.3 MB untraced,
+0.4 MB traced). The bench's "marginal bytes per connection" (held minus boot, over the
+connections) counts that. What the first span and the first export would import late is
+imported in :meth:`_Tracing.setup`, so it is part of the worker's boot (and of its
+``gc.freeze()``), not of its connections.
 """
 
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -60,9 +75,9 @@ class _Tracing:
         elif exporter == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            # Export every second in small batches: the queue of finished spans is what tracing
-            # costs in memory (~4 KB a span until exported; the default 5 s x 2,048 spans grew a
-            # worker by ~3 MB at 1% sampling, +7.7% per connection at 18k per worker).
+            # Export every second in small batches: finished spans wait in the queue until then
+            # (a few KB each; at 1% sampling of ~2,000 connects/s that is ~60 spans, and the
+            # queue bounds it at 1,024 while the collector is slow or down).
             provider.add_span_processor(BatchSpanProcessor(
                 OTLPSpanExporter(), max_queue_size=1024, schedule_delay_millis=1000,
                 max_export_batch_size=256))
@@ -71,6 +86,7 @@ class _Tracing:
         self._provider = provider
         self.tracer = provider.get_tracer("tidegate")
         self._propagator = TraceContextTextMapPropagator()
+        _warm_up(exporter, resource)
         self.enabled = True
 
     def use_provider(self, provider: Any) -> None:
@@ -117,6 +133,21 @@ class _Tracing:
     def shutdown(self) -> None:
         if self._provider is not None:
             self._provider.shutdown()
+
+
+def _warm_up(exporter: str, resource: Any) -> None:
+    """Import at boot what the first span and the first export would import on the way."""
+    if exporter != "otlp":
+        return
+    "localhost".encode("idna")  # socket.getaddrinfo's codec: encodings.idna, unicodedata
+    if "requests" in sys.modules:
+        import netrc  # noqa: F401 - requests looks for credentials at the first request
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    ctx = SpanContext(1, 1, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    encode_spans([ReadableSpan("warm-up", ctx, resource=resource)]).SerializePartialToString()
 
 
 def _is_span(obj: Any) -> bool:

@@ -10,6 +10,7 @@ from tidegate.engine.conn import Conn
 from tidegate.engine.handler import EventHandler
 from tidegate.gateway import eviction
 from tidegate.gateway.codes import DISCONNECT_SHUTDOWN, ProtocolError
+from tidegate.gateway.migration import GatewayMigration
 from tidegate.gateway.node import Node
 from tidegate.gateway.session import ClientSession
 from tidegate.protocol.codec import FrameError, FrameTooLarge
@@ -34,7 +35,11 @@ def _varint(buf: bytearray, pos: int, end: int) -> tuple[int, int] | None:
     return None
 
 
-class TcpApp(EventHandler):
+class TcpApp(GatewayMigration, EventHandler):
+    # Sessions move between workers with their state (work stealing); see WebSocketApp.
+    migration_transports = {TcpJsonTransport.kind: TcpJsonTransport,
+                            TcpProtobufTransport.kind: TcpProtobufTransport}
+
     def __init__(self, node: Node, max_message_bytes: int = 65536) -> None:
         self.node = node
         self.max_message_bytes = max_message_bytes

@@ -23,6 +23,7 @@ from tidegate.engine.handler import EventHandler
 from tidegate.gateway import eviction
 from tidegate.gateway.codes import DISCONNECT_SHUTDOWN
 from tidegate.gateway.config import GatewayConfig
+from tidegate.gateway.migration import GatewayMigration
 from tidegate.gateway.node import Node
 from tidegate.gateway.session import ClientSession
 from tidegate.observe.tracing import TRACING
@@ -52,7 +53,12 @@ class _ApiBusy:
 API_BUSY = _ApiBusy()
 
 
-class WebSocketApp(EventHandler):
+class WebSocketApp(GatewayMigration, EventHandler):
+    # Sessions on these transports move between workers with their state (work stealing);
+    # the HTTP API's connections and upgrades in progress stay where they are.
+    migration_transports = {WsTextTransport.kind: WsTextTransport,
+                            WsBinaryTransport.kind: WsBinaryTransport}
+
     def __init__(self, node: Node, api: HttpApi, max_message_bytes: int = 65536) -> None:
         self.node = node
         self.config: GatewayConfig = node.config
