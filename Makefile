@@ -32,7 +32,7 @@ bench: $(STAMP)
 
 bench-500k: $(STAMP)
 	$(BIN)/python -m tidegate bench --connections 500000 --hold 60 --server-ping-interval 35 \
-		--max-inflight 200 --connect-phase-timeout 420 --json bench/results/$$(date +%F)-raw-500k.json
+		--max-inflight 80 --connect-phase-timeout 480 --json bench/results/$$(date +%F)-raw-500k.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -19,6 +19,10 @@ Three measurements, each against a baseline in the same run:
    (a bare ``select.epoll``, the default) vs ``--client-loop uvloop`` (asyncio Protocols). Client
    CPU per heartbeat over the window, client CPU per connect until connected (process start-up
    included, the same for both) and the connect rate, from the bench's report.
+5. Why a heartbeat costs more at 500k (``--part processes``): the same connections and pings
+   held by 1 server worker + 1 client process, then by ``--processes`` of each (what the fd
+   limit forces at scale). Per ping: server and client CPU and their context switches (from
+   ``/proc/PID/status``): spread over more processes, each wakeup answers fewer pings.
 """
 
 from __future__ import annotations
@@ -67,23 +71,110 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def context_switches(pid: int) -> int:
+    total = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+            total += int(line.split()[1])
+    return total
+
+
+def client_pids(port: int) -> list[int]:
+    """The bench's client processes aimed at ``port``."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"tidegate.bench.client" in cmd and f'"port":{port}'.encode() in cmd:
+                pids.append(int(pid))
+    return pids
+
+
+def process_count_round(processes: int, args: argparse.Namespace) -> dict[str, float]:
+    """``args.connections`` held by ``processes`` server workers and as many client processes;
+    CPU and context switches per ping over the middle window."""
+    with tempfile.TemporaryDirectory(prefix="tidegate-hb-") as workdir:
+        port = free_port()
+        server, workers = start_tidegate_workers(port, workdir, processes)
+        out = os.path.join(workdir, "bench.json")
+        try:
+            bench = subprocess.Popen(
+                [sys.executable, "-m", "tidegate", "bench", "--target", f"127.0.0.1:{port}",
+                 "--connections", str(args.connections), "--clients", str(processes),
+                 "--ping-interval", str(args.ping_interval), "--hold", str(args.window + 10),
+                 "--scrape-interval", "0", "--no-progress", "--json", out],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 60
+            clients: list[int] = []
+            while len(clients) < processes and time.monotonic() < deadline:
+                time.sleep(0.2)
+                clients = client_pids(port)
+            time.sleep(args.connections / 4000 + 3)  # connected and ticking
+
+            def sample(pids: list[int]) -> tuple[float, int]:
+                return sum(cpu_s(p) for p in pids), sum(context_switches(p) for p in pids)
+
+            (s0, sx0), (c0, cx0), t0 = sample(workers), sample(clients), time.monotonic()
+            time.sleep(args.window)
+            (s1, sx1), (c1, cx1), t1 = sample(workers), sample(clients), time.monotonic()
+            bench.wait(timeout=300)
+            report = json.loads(Path(out).read_text())
+        finally:
+            server.terminate()
+            server.wait(30)
+    pings = args.connections / args.ping_interval * (t1 - t0)
+    return {"processes_each_side": processes,
+            "server_us_per_ping": round((s1 - s0) * 1e6 / pings, 1),
+            "client_us_per_ping": round((c1 - c0) * 1e6 / pings, 1),
+            "server_context_switches_per_ping": round((sx1 - sx0) / pings, 3),
+            "client_context_switches_per_ping": round((cx1 - cx0) / pings, 3),
+            "heartbeat_missed": report.get("heartbeat_missed"),
+            "rtt_ms_p99": report.get("heartbeat_rtt_ms_p99")}
+
+
+def process_counts(args: argparse.Namespace) -> dict[str, Any]:
+    """Measurement 5: 1 + 1 processes vs ``args.processes`` + as many, rounds alternating."""
+    runs: dict[str, list[dict[str, float]]] = {"1": [], str(args.processes): []}
+    for i in range(args.rounds):
+        order = (1, args.processes) if i % 2 == 0 else (args.processes, 1)
+        for n in order:
+            r = process_count_round(n, args)
+            runs[str(n)].append(r)
+            print(f"round {i + 1} {n:>2} + {n:<2} processes: {r}", flush=True)
+    keys = ("server_us_per_ping", "client_us_per_ping", "server_context_switches_per_ping",
+            "client_context_switches_per_ping", "rtt_ms_p99")
+    return {"runs": runs, "median": {n: {k: statistics.median(r[k] for r in rs) for k in keys}
+                                     for n, rs in runs.items()}}
+
+
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def start_tidegate(port: int, workdir: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_tidegate(port: int, workdir: str, workers: int = 1
+                   ) -> tuple[subprocess.Popen[bytes], int]:
+    proc, pids = start_tidegate_workers(port, workdir, workers)
+    return proc, pids[0]
+
+
+def start_tidegate_workers(port: int, workdir: str, workers: int
+                           ) -> tuple[subprocess.Popen[bytes], list[int]]:
     status = os.path.join(workdir, f"status-{port}.json")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tidegate", "serve", "--app", "echo", "--workers", "1",
+        [sys.executable, "-m", "tidegate", "serve", "--app", "echo", "--workers", str(workers),
          "--port", str(port), "--metrics-port", "0", "--ping-interval-s", "60",
          "--status-file", status], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             data = json.loads(Path(status).read_text())
-            if data.get("ready") and data.get("workers"):
-                return proc, int(data["workers"][0])
+            pids = [int(pid) for pid in data.get("workers") or [] if pid]
+            if data.get("ready") and len(pids) == workers:
+                return proc, pids
         except (OSError, ValueError):
             pass
         time.sleep(0.1)
@@ -274,13 +365,22 @@ def main() -> int:
     p.add_argument("--window", type=float, default=10.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--connects", type=int, default=12000)
-    p.add_argument("--part", choices=("all", "clients"), default="all",
-                   help="clients: only measurement 4, the bench client loops")
+    p.add_argument("--part", choices=("all", "clients", "processes"), default="all",
+                   help="clients: only measurement 4, the bench client loops; processes: only "
+                        "measurement 5, one process a side vs --processes")
+    p.add_argument("--processes", type=int, default=9,
+                   help="server workers and client processes each, for measurement 5")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
     result: dict[str, Any] = {"benchmark": "heartbeat_cost", "date": time.strftime("%Y-%m-%d"),
                               "connections": args.connections,
                               "ping_interval_s": args.ping_interval}
+    if args.part == "processes":
+        result["process_counts"] = process_counts(args)
+        print(json.dumps(result["process_counts"]["median"], indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return 0
     if args.part == "clients":
         result["client_loops"] = client_loops(args)
         print(json.dumps(result["client_loops"]["median"], indent=1))

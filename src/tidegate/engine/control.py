@@ -1,8 +1,8 @@
 """The supervisor <-> worker control channel: a SOCK_SEQPACKET pair, one message per packet.
 
-Worker -> supervisor: ``R`` ready, ``S`` stats (JSON). Supervisor -> worker: ``F`` with file
-descriptors attached (SCM_RIGHTS): accepted sockets handed to this worker; ``D`` drain. The
-other kinds are below.
+Worker -> supervisor: ``R`` ready, ``S`` stats (JSON), ``Q`` "I was told to stop". Supervisor ->
+worker: ``F`` with file descriptors attached (SCM_RIGHTS): accepted sockets handed to this
+worker; ``D`` drain. The other kinds are below.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ LOADS = b"w"  # supervisor -> every worker: JSON list of connections per worker 
 # supervisor the same kind back once it has stopped; then supervisor -> worker "drain now".
 STEAL_OFF = b"x"
 DRAIN = b"D"
+# worker -> supervisor: this worker got SIGTERM/SIGINT itself (body: the signal's name). It does
+# not drain on its own: the supervisor drains the node as on its own SIGTERM, DRAIN included.
+STOP_REQUEST = b"Q"
 _JSON_KINDS = (READY, STATS)
 MAX_FDS_PER_MESSAGE = 64
 _MAX_MSG = 8 << 20  # relayed history replies can hold many publications

@@ -36,7 +36,9 @@ supervisor counts ``dropped`` when it sees it). TLS connections never move: thei
 in this process's OpenSSL state.
 
 Drains: stealing stops node-wide before any worker lists its connections for the drain
-(:meth:`Router.freeze`), so a drain never has a connection move under it.
+(:meth:`Router.freeze`), so a drain never has a connection move under it. A worker signalled
+directly does not drain on its own: it asks the supervisor to drain the node
+(``Worker.on_stop_signal``).
 """
 
 from __future__ import annotations

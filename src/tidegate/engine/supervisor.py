@@ -78,6 +78,7 @@ class Supervisor:
         self.port = opts.port
         self.ports: list[int] = []
         self.stopping = False
+        self._stop_why: dict[str, Any] = {}  # the signal, and the worker that got it if not us
         self.draining = False
         self.restarts = 0
         self.refused_handoff = 0
@@ -156,8 +157,20 @@ class Supervisor:
         return 0
 
     def _on_stop_signal(self, signum: int, _frame: Any) -> None:
+        self._stop({"signal": signal.Signals(signum).name})
+
+    def _stop(self, why: dict[str, Any]) -> None:
+        """Drain the node (``_shutdown``, once the select loop sees ``stopping``): on SIGTERM or
+        SIGINT to the supervisor, or to a worker, which asks for it (``control.STOP_REQUEST``)
+        instead of draining on its own. Only the first one counts: when systemd signals every
+        process of the unit at once, the supervisor's signal and the workers' requests make one
+        shutdown. A second signal changes nothing (no forced stop: ``_shutdown`` is bounded by
+        ``drain_s + shutdown_grace_s``, systemd's own escalation is SIGKILL).
+
+        Called from the signal handler too, which may run in the middle of a call from
+        ``_on_ctrl``: nothing but two stores here, and ``_shutdown`` logs (once) why."""
         if not self.stopping:
-            _log.info("stopping", extra={"signal": signal.Signals(signum).name})
+            self._stop_why = why
         self.stopping = True
 
     def _on_hup(self, _signum: int, _frame: Any) -> None:
@@ -277,6 +290,8 @@ class Supervisor:
                 slot.stats = body
             elif kind == control.STEAL_OFF:
                 self._stealing.stopped(slot)
+            elif kind == control.STOP_REQUEST:  # the worker was signalled: the node drains
+                self._stop({"signal": bytes(body).decode(errors="replace"), "worker": slot.index})
 
     def _send(self, slot: WorkerSlot, msg: bytes) -> None:
         """Send in order; what the worker's socket cannot take now waits in its outbox."""
@@ -394,6 +409,7 @@ class Supervisor:
                 self._spawn(slot)
 
     def _shutdown(self) -> None:
+        _log.info("stopping", extra=self._stop_why)
         self.draining = True
         self._write_status()  # not ready from now on: balancers stop sending clients here
         if self.opts.balance == "handoff":

@@ -41,6 +41,10 @@ def current_worker_index() -> tuple[int, int]:
 STATS_INTERVAL_S = 1.0
 DRAIN_STEP = 8  # goodbyes per run-queue step (a gateway one costs tens of us)
 ADOPT_WAIT_S = 1.0  # at most, for sockets on their way in before a drain lists its connections
+# How long a worker that got SIGTERM and asked the supervisor to drain the node waits for its
+# DRAIN before it drains on its own (a supervisor that does not answer): the supervisor sends
+# it within STEAL_SETTLE_S of the request, plus a turn of its select loop.
+STOP_ASK_WAIT_S = 5.0
 
 
 class Worker:
@@ -130,6 +134,8 @@ class Worker:
         self.runqueue = RunQueue(opts.slice_ms)
         self.stopping = False
         self._stopped = asyncio.Event()
+        self.stop_asked = False  # signalled; the supervisor was asked to drain the node
+        self.stop_ask_wait_s = STOP_ASK_WAIT_S
         self._servers: list[asyncio.AbstractServer] = []
         self._listen_socks: list[socket.socket] = []  # this worker's SO_REUSEPORT listeners
         self.ssl_context = tls.server_context(opts)
@@ -241,12 +247,19 @@ class Worker:
         A safety net, idle when the supervisor drains the node: it stops stealing node-wide
         and waits for every worker to confirm before any drain begins (stealing.Router), and
         the drain adopts the sockets already on their way in before it lists its connections.
-        It remains for a worker that drains without the supervisor's say: one signalled
-        directly (systemd's default KillMode=control-group sends SIGTERM to every process of
-        the unit at once; an operator's kill of one worker), or one that did not confirm the
-        freeze within STEAL_SETTLE_S. A hand-over it made just before can then come back
-        (``RETURNED``: the thief was draining too, or gone) after its list was made: the
-        connection gets its goodbye now rather than the abort at the end of the drain.
+        That is every drain of a supervised worker, one signalled directly included (systemd's
+        default KillMode=control-group, an operator's kill): it asks the supervisor to drain
+        the node rather than draining on its own (:meth:`on_stop_signal`). A worker whose
+        supervisor is gone drains alone, but nothing can move then: the channel is closed and
+        the drain reads what was left on it before it lists its connections.
+
+        Two races remain, both with a supervisor that does not keep to its schedule: a worker
+        that did not confirm the freeze within STEAL_SETTLE_S gets its DRAIN anyway, and a
+        hand-over it sent before it read STEAL_OFF comes back (``RETURNED``) behind that DRAIN;
+        a signalled worker whose DRAIN did not come within STOP_ASK_WAIT_S drains alone while
+        the others may still steal, and a hand-over it made just before can come back the same
+        way. Such a connection gets its goodbye now rather than the abort at the end of the
+        drain, and counts in ``drain_late``.
         """
         if self._snapshot_taken and not c.closing:
             self.drain_late += 1
@@ -532,9 +545,43 @@ class Worker:
         }
 
     def stop(self) -> None:
+        """Drain now (``_shutdown``): on the supervisor's DRAIN, or on our own when there is
+        no supervisor to wait for."""
         if not self.stopping:
             self.stopping = True
             self._stopped.set()
+
+    def on_stop_signal(self, signum: int) -> None:
+        """SIGTERM or SIGINT sent to this worker itself (systemd's KillMode=control-group
+        signals every process of the unit at once; an operator may kill one worker).
+
+        A supervised worker does not drain on its own, which would let stealing hand it
+        connections after its drain listed them: it asks the supervisor
+        (``control.STOP_REQUEST``), which drains the node as on its own SIGTERM (stealing
+        stopped everywhere, then DRAIN to every worker, this one included). The supervisor's
+        own signal and every worker's request make one shutdown. With no supervisor to ask
+        (none, or its channel is gone: it died) the worker drains on its own at once; if the
+        DRAIN has not come within ``stop_ask_wait_s``, it drains on its own then. A second
+        signal while waiting changes nothing, as a second one to the supervisor does not.
+        """
+        if self.stopping or self.stop_asked:
+            return
+        name = signal.Signals(signum).name
+        if self.send_control(control.STOP_REQUEST, name.encode()):
+            self.stop_asked = True
+            _log.info("asked the supervisor to drain the node",
+                      extra={"signal": name, "worker": self.index})
+            self.loop.call_later(self.stop_ask_wait_s, self._no_drain_came)
+            return
+        _log.info("draining on its own: no supervisor to ask",
+                  extra={"signal": name, "worker": self.index})
+        self.stop()
+
+    def _no_drain_came(self) -> None:
+        if not self.stopping:
+            _log.warning("no drain from the supervisor; draining on its own",
+                         extra={"waited_s": self.stop_ask_wait_s, "worker": self.index})
+            self.stop()
 
     def _drain_batch(self, conns: list[Conn]) -> Iterator[None]:
         """The drain of ``conns``, DRAIN_STEP connections per run-queue step."""
@@ -563,7 +610,11 @@ class Worker:
         # Nothing moves in or out once the list below is made: stealing stops here (the supervisor
         # stopped it node-wide before it sent DRAIN), and the sockets on their way in - sent back
         # to us before the DRAIN, or handed to us before stealing stopped - are adopted first.
+        # What waits on the channel is read now, not after the list: hand-overs that reached us
+        # before the supervisor died, when we drain without it.
         self.stealer.freeze()
+        if self.ctrl is not None:
+            self._on_ctrl()
         settle_by = self.loop.time() + ADOPT_WAIT_S
         while self.stealer.adopting and self.loop.time() < settle_by:
             await asyncio.sleep(0.005)
@@ -617,9 +668,11 @@ def run_worker(
 
         TRACING.setup(opts.tracing_exporter, opts.tracing_sample_ratio, worker=index)
     worker = Worker(opts, handler_factory(), index, ctrl, workers_total)
-    loop.add_signal_handler(signal.SIGTERM, worker.stop)
+    # Told to stop: the supervisor decides (Worker.on_stop_signal). A Ctrl-C in a terminal
+    # reaches the whole process group, the supervisor included: one shutdown all the same.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.on_stop_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, worker.reload_tls)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
     try:
         loop.run_until_complete(worker.serve(listen_ports))
     finally:
