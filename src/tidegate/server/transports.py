@@ -1,7 +1,8 @@
 """What a client session writes through: one small adapter per connection and framing.
 
-Each class frames a session's messages for its transport. Fan-out asks the class to frame a
-publication once (``frame``) and hands the same bytes to every subscriber (``write_framed``).
+Each class frames a session's messages for its transport. Fan-out hands every subscriber the
+same payload object, and ``frame`` keeps the last one it framed: a broadcast is framed once per
+transport class, not once per subscriber.
 """
 
 from __future__ import annotations
@@ -27,11 +28,6 @@ class _Transport:
         conn = self.conn
         if conn is not None:
             conn.write(self.frame(data))
-
-    def write_framed(self, framed: bytes) -> None:
-        conn = self.conn
-        if conn is not None:
-            conn.write(framed)
 
     def close(self, code: int, reason: str) -> None:
         conn = self.conn
