@@ -203,14 +203,7 @@ def heartbeat_round(port: int, server_pid: int, args: argparse.Namespace,
     client_pid = 0
     deadline = time.monotonic() + 60
     while not client_pid and time.monotonic() < deadline:  # the bench's client process
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                if b"tidegate.bench.client" in cmd and f'"port":{port}'.encode() in cmd:
-                    client_pid = int(pid)
+        client_pid = next(iter(client_pids(port)), 0)
         time.sleep(0.2)
     time.sleep(args.connections / 4000 + 3)  # connected and ticking
     s0, c0, t0 = cpu_s(server_pid), cpu_s(client_pid), time.monotonic()

@@ -187,26 +187,45 @@ def test_a_drain_while_stealing_loses_no_connection_and_says_every_goodbye(serve
     connection moves under a drain, none is lost in flight, and every client gets the
     drain's goodbye (a FIN, never the reset of the abort at the end); the drain's safety net
     for late arrivals (Worker.arrived_after_snapshot) never fires."""
-    n = 800
+    srv, survivors, _ = stealing_node(serve, settle_s=1.0)
+    srv.proc.send_signal(signal.SIGTERM)
+    goodbye, reset = goodbyes(survivors)
+    assert not reset, f"{reset} connections were cut off without a goodbye"
+    assert goodbye == len(survivors)
+    assert srv.proc.wait(30) == 0
+    log = srv.log()
+    drained = log_lines(log, "drained")
+    assert len(drained) == 4, log
+    assert sum(int(d["goodbyes"]) for d in drained) == len(survivors)
+    assert all(d["late"] == "0" and d["no_goodbye"] == "0" for d in drained), drained
+    stopped = next(line for line in log.splitlines() if " stopped " in line)
+    assert "steal_dropped=0" in stopped, stopped
+
+
+def stealing_node(serve: Any, n: int = 800, settle_s: float = 0.0
+                  ) -> tuple[Any, list[socket.socket], dict[str, Any]]:
+    """Four workers, ``n`` clients, worker 0 killed and restarted: it is still stealing its
+    share from the others when this returns (the moment a drain must not lose a connection)."""
     srv = serve("--workers", "4", "--drain-s", "2", "--steal-max-per-tick", "8", *STEAL)
     clients = [connect(srv.port) for _ in range(n)]
     assert all(echo_ok(s) for s in clients)
     st = srv.wait_stats(lambda st: stat_sum(st, "active") == n)
     victim = st["worker_stats"][0]
     os.kill(victim["pid"], signal.SIGKILL)
-    lost = victim["active"]
-    # The restarted worker steals (8 per 0.2 s round: ~5 s to refill); the drain starts a
-    # second into that, with hand-overs going on.
+    # The restarted worker steals (8 per 0.2 s round: ~5 s to refill); ``settle_s`` into that,
+    # hand-overs are still going on.
     st = srv.wait_stats(lambda st: st["restarts"] == 1 and st["ready"]
                         and st["worker_stats"][0].get("migrated_in", 0) > 0)
-    time.sleep(1.0)
-    st = srv.status()
-    counts = actives(st)
-    assert not balanced(counts), f"stealing was over before the drain: {counts}"
+    time.sleep(settle_s)
     survivors = [s for s in clients if echo_ok(s, b"before-drain")]
-    assert len(survivors) == n - lost
+    assert len(survivors) == n - victim["active"]
+    st = srv.status()
+    assert not balanced(actives(st)), f"stealing was over before the drain: {actives(st)}"
+    return srv, survivors, st
 
-    srv.proc.send_signal(signal.SIGTERM)
+
+def goodbyes(survivors: list[socket.socket]) -> tuple[int, int]:
+    """Read every client until the server closes it: (clean closes, resets)."""
     goodbye: set[socket.socket] = set()
     reset: set[socket.socket] = set()
     deadline = time.monotonic() + 30
@@ -222,17 +241,12 @@ def test_a_drain_while_stealing_loses_no_connection_and_says_every_goodbye(serve
             assert not data, data  # nothing but the goodbye (no server pings here)
             goodbye.add(s)
             s.close()  # the client's side of the close, as a client would
-    assert not reset, f"{len(reset)} connections were cut off without a goodbye"
-    assert len(goodbye) == len(survivors)
-    assert srv.proc.wait(30) == 0
-    log = srv.log()
-    drained = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
-               for line in log.splitlines() if " drained " in line]
-    assert len(drained) == 4, log
-    assert sum(int(d["goodbyes"]) for d in drained) == len(survivors)
-    assert all(d["late"] == "0" and d["no_goodbye"] == "0" for d in drained), drained
-    stopped = next(line for line in log.splitlines() if " stopped " in line)
-    assert "steal_dropped=0" in stopped, stopped
+    return len(goodbye), len(reset)
+
+
+def log_lines(log: str, word: str) -> list[dict[str, str]]:
+    return [dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+            for line in log.splitlines() if f" {word} " in f"{line} "]
 
 
 def test_the_freeze_refuses_requests_and_sends_hand_overs_back_to_their_owner():
