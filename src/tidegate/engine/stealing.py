@@ -84,16 +84,6 @@ def migrates(h: EventHandler) -> bool:
     return type(h).export_state is not EventHandler.export_state
 
 
-def _uncount_ip(w: Worker, c: Conn) -> None:
-    ip = w._conn_ip.pop(c, None)
-    if ip is not None:
-        left = w._per_ip[ip] - 1
-        if left:
-            w._per_ip[ip] = left
-        else:
-            del w._per_ip[ip]
-
-
 def _count_ip(w: Worker, c: Conn) -> None:
     peer = c._transport.get_extra_info("peername")
     ip = peer[0] if peer else ""
@@ -323,7 +313,7 @@ class Stealer:
         c._flags |= MIGRATING | CLOSING  # CLOSING: writes and reads are dropped until it is gone
         w.wheel.cancel(c)
         if w._conn_ip:
-            _uncount_ip(w, c)
+            w.uncount_ip(c)
         w.active -= 1
         self.migrated_out += 1
         w.trace.record_instant(trace.CLOSE, id(c), reason="migrated_out")

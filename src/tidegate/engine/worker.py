@@ -203,13 +203,7 @@ class Worker:
             self._refused.discard(c)
             return
         if self._conn_ip:
-            ip = self._conn_ip.pop(c, None)
-            if ip is not None:
-                left = self._per_ip[ip] - 1
-                if left:
-                    self._per_ip[ip] = left
-                else:
-                    del self._per_ip[ip]
+            self.uncount_ip(c)
         if c._flags & EVICTING and self.eviction is not None:
             self.eviction.unmark(c)  # left before its eviction's turn came
         self.wheel.cancel(c)
@@ -240,6 +234,17 @@ class Worker:
         """Input after our ping: the heartbeat round trip, measured on the server."""
         rtt_ms = (self.loop.time() - self._t0) * 1000 - c._ping_ms
         self.heartbeat_rtt.observe(rtt_ms / 1000)
+
+    def uncount_ip(self, c: Conn) -> None:
+        """``c`` (closed, or moved to another worker) no longer counts against its IP's
+        connection limit."""
+        ip = self._conn_ip.pop(c, None)
+        if ip is not None:
+            left = self._per_ip[ip] - 1
+            if left:
+                self._per_ip[ip] = left
+            else:
+                del self._per_ip[ip]
 
     def arrived_after_snapshot(self, c: Conn) -> None:
         """A connection adopted (work stealing) after the drain listed this worker's.
