@@ -422,20 +422,6 @@ class Probe:
             pass
 
 
-def bench_client_pids(port: int) -> list[int]:
-    """The bench's client processes aimed at ``port``."""
-    pids = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"tidegate.bench.client" in cmd and f'"port":{port}'.encode() in cmd:
-                pids.append(int(pid))
-    return pids
-
-
 async def watch_cpu(status_path: Path, port: int, series: list[tuple[float, int, int, int]],
                     stop: asyncio.Event, interval: float) -> None:
     """Every ``interval``: (time.time(), server ns, bench clients ns, machine busy ticks)."""
@@ -448,7 +434,7 @@ async def watch_cpu(status_path: Path, port: int, series: list[tuple[float, int,
             server = [int(p) for p in [st.get("pid"), *(st.get("workers") or [])] if p]
         except (OSError, ValueError):
             pass
-        clients = bench_client_pids(port)
+        clients = procstat.bench_client_pids(port)
         await asyncio.sleep(0.2)
     while not stop.is_set():
         s = procstat.sum_known(procstat.cpu_ns(p) for p in server)

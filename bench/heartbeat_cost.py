@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tidegate.bench.procstat import bench_client_pids
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LINGER_ZERO = struct.pack("ii", 1, 0)
 HELLO = b"\x00\x00\x00\x09\x01" + bytes(8)
@@ -79,20 +81,6 @@ def context_switches(pid: int) -> int:
     return total
 
 
-def client_pids(port: int) -> list[int]:
-    """The bench's client processes aimed at ``port``."""
-    pids = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"tidegate.bench.client" in cmd and f'"port":{port}'.encode() in cmd:
-                pids.append(int(pid))
-    return pids
-
-
 def process_count_round(processes: int, args: argparse.Namespace) -> dict[str, float]:
     """``args.connections`` held by ``processes`` server workers and as many client processes;
     CPU and context switches per ping over the middle window."""
@@ -111,7 +99,7 @@ def process_count_round(processes: int, args: argparse.Namespace) -> dict[str, f
             clients: list[int] = []
             while len(clients) < processes and time.monotonic() < deadline:
                 time.sleep(0.2)
-                clients = client_pids(port)
+                clients = bench_client_pids(port)
             time.sleep(args.connections / 4000 + 3)  # connected and ticking
 
             def sample(pids: list[int]) -> tuple[float, int]:
@@ -203,7 +191,7 @@ def heartbeat_round(port: int, server_pid: int, args: argparse.Namespace,
     client_pid = 0
     deadline = time.monotonic() + 60
     while not client_pid and time.monotonic() < deadline:  # the bench's client process
-        client_pid = next(iter(client_pids(port)), 0)
+        client_pid = next(iter(bench_client_pids(port)), 0)
         time.sleep(0.2)
     time.sleep(args.connections / 4000 + 3)  # connected and ticking
     s0, c0, t0 = cpu_s(server_pid), cpu_s(client_pid), time.monotonic()
@@ -368,15 +356,11 @@ def main() -> int:
     result: dict[str, Any] = {"benchmark": "heartbeat_cost", "date": time.strftime("%Y-%m-%d"),
                               "connections": args.connections,
                               "ping_interval_s": args.ping_interval}
-    if args.part == "processes":
-        result["process_counts"] = process_counts(args)
-        print(json.dumps(result["process_counts"]["median"], indent=1))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1))
-        return 0
-    if args.part == "clients":
-        result["client_loops"] = client_loops(args)
-        print(json.dumps(result["client_loops"]["median"], indent=1))
+    if args.part != "all":  # one measurement alone
+        key, measure = {"processes": ("process_counts", process_counts),
+                        "clients": ("client_loops", client_loops)}[args.part]
+        result[key] = measure(args)
+        print(json.dumps(result[key]["median"], indent=1))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
         return 0

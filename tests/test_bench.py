@@ -562,3 +562,16 @@ def test_bench_interrupted_stops_everything(tmp_path: Path) -> None:
     while time.monotonic() < deadline and any(procstat.alive(p) for p in pids):
         time.sleep(0.1)
     assert not [p for p in pids if procstat.alive(p)]
+
+
+def test_bench_client_pids_finds_the_clients_of_one_port() -> None:
+    # Scripts in bench/ measure the bench's clients from outside, by their command line.
+    cmd = [sys.executable, "-c", "import time; time.sleep(30)", "tidegate.bench.client"]
+    ours = subprocess.Popen([*cmd, '{"port":47001}'])
+    other = subprocess.Popen([*cmd, '{"port":47002}'])
+    try:
+        assert procstat.bench_client_pids(47001) == [ours.pid]
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()

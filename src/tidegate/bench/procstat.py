@@ -114,6 +114,23 @@ def open_fds(pid: int) -> int | None:
         return None
 
 
+def bench_client_pids(port: int) -> list[int]:
+    """The ``tidegate bench`` client processes aimed at ``port`` (found by their command line:
+    for scripts that run the bench and measure its clients from outside)."""
+    pids = []
+    marker = f'"port":{port}'.encode()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if b"tidegate.bench.client" in cmd and marker in cmd:
+                pids.append(int(pid))
+    return pids
+
+
 def alive(pid: int) -> bool:
     text = _read_text(f"/proc/{pid}/stat")
     if text is None:
