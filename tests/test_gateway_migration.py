@@ -2,18 +2,29 @@
 
 Unit level (no sockets): a session's state round-trips through export -> detach -> restore
 with nothing seen by other subscribers, presence untouched, a publication made while it was
-between workers recovered; the binary state format under hypothesis. End to end: a real
-2-worker node, WebSocket (``websockets``, JSON) and raw TCP clients subscribed, an imbalance
-that makes the empty worker steal, and afterwards every client still open, still receiving,
-listed once in presence, no join/leave anywhere, the moves in the workers' counters.
+between workers recovered; the window between export and import with two IpcBroker workers
+in one process and a hand-driven supervisor (gateway/relaylog.py: publications without
+history, join/leave, the API's actions, a thief behind the victim, a log that no longer
+reaches back); the binary state format under hypothesis. End to end: a real 2-worker node,
+WebSocket (``websockets``, JSON) and raw TCP clients subscribed, an imbalance that makes the
+empty worker steal, and afterwards every client still open, still receiving, listed once in
+presence, no join/leave anywhere, the moves in the workers' counters; then, with the thief's
+adoption delayed (``--steal-adopt-delay-ms``), publications without history streamed while
+clients move, and the API's disconnect/unsubscribe landing mid-move.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
+import http.client
 import json
+import struct
+import threading
 import time
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,11 +35,16 @@ from websockets.asyncio.client import connect as ws_connect
 
 from test_gateway_session import FORMATS, SDKClient, connected, make_config
 from test_stealing import owners, settled
+from tidegate.cluster.ipc_broker import IpcBroker
+from tidegate.engine import control
+from tidegate.engine.options import EngineOptions
 from tidegate.gateway import migration
 from tidegate.gateway.auth import encode_hs256
+from tidegate.gateway.config import ChannelOptions
 from tidegate.gateway.hub import Hub
 from tidegate.gateway.migration import GatewayMigration, SessionState, StateError, SubRecord
 from tidegate.gateway.node import Node
+from tidegate.gateway.relaylog import RelayLog
 from tidegate.gateway.session import (
     SUB_EMITS_JOIN_LEAVE,
     SUB_JOIN_LEAVE,
@@ -36,6 +52,7 @@ from tidegate.gateway.session import (
     ClientSession,
 )
 from tidegate.gateway.testing import RecordingTransport
+from tidegate.server import http_api
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -195,14 +212,354 @@ def test_handler_import_failure_is_a_clear_disconnect(monkeypatch: pytest.Monkey
     assert [p for p in _pushes(watcher) if "leave" in p]
 
 
+# ---- unit: the window between export and import, two workers in one process ---------------
+class _Worker:
+    opts = EngineOptions()
+
+    def __init__(self, wire: _Wire, index: int) -> None:
+        self.wire, self.index = wire, index
+        self.handlers: dict[bytes, Any] = {}
+
+    def on_control(self, kind: bytes, fn: Any) -> None:
+        self.handlers[kind] = fn
+
+    def send_control(self, kind: bytes, body: bytes) -> bool:
+        if kind == control.RELAY:
+            for q in self.wire.queues:
+                if q is not self.wire.queues[self.index]:
+                    q.append((kind, body))
+        elif kind == control.TO:
+            self.wire.queues[int.from_bytes(body[:2], "big")].append((kind, body[2:]))
+        return True
+
+
+class _Wire:
+    """Workers' nodes on IpcBrokers, and a supervisor whose outboxes the test drains by hand:
+    what each worker has handled, and when, is the test's choice (each origin's order kept)."""
+
+    def __init__(self, n: int = 2) -> None:
+        self.queues: list[collections.deque[tuple[bytes, bytes]]] = [
+            collections.deque() for _ in range(n)]
+        self.nodes: list[Node] = []
+        for i in range(n):
+            broker = IpcBroker(i, n)
+            node = Node(_CUT_CONFIG, broker=broker, name=f"w{i}")
+            for name, fn in http_api.LOCAL_SERVICES.items():
+                broker.register_service(name, functools.partial(fn, node))
+            for name, fn in http_api.SESSION_COMMANDS.items():
+                broker.register_session_command(name, fn)
+            broker.attach(_Worker(self, i))  # type: ignore[arg-type]
+            self.nodes.append(node)
+
+    def log(self, i: int) -> RelayLog:
+        log = self.nodes[i].broker.relay_log
+        assert log is not None
+        return log
+
+    def pump(self, i: int, n: int | None = None) -> int:
+        """Worker ``i`` handles ``n`` (all) of the messages waiting for it."""
+        q, done = self.queues[i], 0
+        w = self.nodes[i].broker._worker  # type: ignore[attr-defined]
+        while q and (n is None or done < n):
+            kind, body = q.popleft()
+            w.handlers[kind](body)
+            done += 1
+        return done
+
+    async def settle(self) -> None:
+        """Everything delivered everywhere, tasks (replies) included."""
+        for _ in range(50):
+            moved = sum(self.pump(i) for i in range(len(self.queues)))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            if not moved and not any(self.queues):
+                return
+
+    async def publish(self, i: int, channel: str, n: int) -> None:
+        """Publish from worker ``i``: done now without history; with history, once the
+        channel's owner answers (``settle``)."""
+        task = asyncio.ensure_future(self.nodes[i].hub.publish(channel, b'{"n":%d}' % n))
+        await asyncio.sleep(0)
+        opts = self.nodes[i].config.channel_options(channel)
+        assert task.done() or (opts is not None and opts.history_enabled)
+
+
+_CUT_CONFIG = make_config(namespaces={
+    "live": ChannelOptions(allow_subscribe_for_client=True, allow_publish_for_client=True,
+                           join_leave=True),
+    "hist": ChannelOptions(allow_subscribe_for_client=True, history_size=100,
+                           history_ttl_s=300, allow_recovery=True, force_positioning=True),
+})
+
+
+def _move(c: SDKClient, src: Node, dst: Node, state: bytes | None = None) -> None:
+    """Detach ``c``'s session from ``src`` (exported already if ``state`` is given) and
+    restore it on ``dst``: ``c`` then talks to the session there."""
+    if state is None:
+        state = c.s.export_state("ws-json")
+        assert state is not None
+        c.s.detach()
+    c.t = RecordingTransport()
+    c.s = ClientSession.restore(c.t, dst, migration.decode(state))
+    c.node = dst
+
+
+def _export(c: SDKClient) -> bytes:
+    state = c.s.export_state("ws-json")
+    assert state is not None
+    c.s.detach()
+    return state
+
+
+def _got(c: SDKClient) -> dict[str, list[int]]:
+    """The publications written to ``c`` since the last call, by channel."""
+    out: dict[str, list[int]] = {}
+    for p in _pushes(c):
+        if "pub" in p:
+            out.setdefault(p["channel"], []).append(c.dec(p["pub"]["data"])["n"])
+    return out
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_nothing_moves_before_the_hellos_are_answered() -> None:
+    async def main() -> None:
+        wire = _Wire()
+        c = connected(wire.nodes[0], user="alice")
+        assert not wire.log(0).ready and c.s.export_state("ws-json") is None
+        await wire.settle()
+        assert wire.log(0).ready and wire.log(1).ready
+        st = migration.decode(c.s.export_state("ws-json") or b"")
+        assert st.cut == {0: wire.log(0).top, 1: wire.log(1).top}
+
+    _run(main())
+
+
+def test_publications_relayed_in_the_window_reach_the_moving_session_once() -> None:
+    async def main() -> None:
+        wire = _Wire()
+        await wire.settle()
+        v, t = wire.nodes
+        c = connected(v, user="alice")
+        assert "subscribe" in c.subscribe("live:a")
+        await wire.publish(0, "live:a", 1)
+        await wire.settle()
+        state = _export(c)
+        await wire.publish(0, "live:a", 2)  # the victim no longer has it...
+        await wire.publish(1, "live:a", 3)  # ...nor the thief yet (its own)
+        await wire.publish(1, "other", 0)
+        wire.pump(1)  # the thief handles 2 before the import
+        assert _got(c) == {"live:a": [1]}
+        _move(c, v, t, state)
+        assert _got(c) == {"live:a": [3, 2]}  # in the order the thief handled them
+        assert c.t.closed is None and t.hub.user_sessions("alice") == [c.s]
+        await wire.settle()
+        for n in (4, 5):
+            await wire.publish(n % 2, "live:a", n)
+            await wire.settle()
+        assert _got(c) == {"live:a": [4, 5]}
+        assert wire.log(1).replayed == 2 and wire.log(1).waited == 0
+
+    _run(main())
+
+
+def test_a_thief_behind_the_victim_holds_the_session_until_it_caught_up() -> None:
+    async def main() -> None:
+        wire = _Wire()
+        await wire.settle()
+        v, t = wire.nodes
+        c = connected(v, user="alice")
+        c.subscribe("live:a", join_leave=True)
+        other = connected(v, user="bob")
+        await wire.settle()
+        for n in (1, 2):  # delivered on the victim; still in the supervisor's outbox
+            await wire.publish(0, "live:a", n)
+        assert _got(c) == {"live:a": [1, 2]}
+        state = _export(c)
+        await wire.publish(0, "live:a", 3)
+        other.subscribe("live:a")  # no join push (not asked), just more traffic
+        _move(c, v, t, state)  # the hand-over overtook 1 and 2
+        assert c.s.busy and not t.hub.user_sessions("alice")
+        assert c.s.export_state("ws-json") is None  # it cannot move on while it waits
+        c.fire("publish", {"channel": "live:a", "data": {"n": 9}})  # waits with the session
+        assert c.t.take() == []
+        wire.pump(1, 1)  # 1: had it
+        assert c.s.busy and c.t.take() == []
+        wire.pump(1, 1)  # 2: had it; caught up now
+        assert not c.s.busy and t.hub.user_sessions("alice") == [c.s]
+        assert _got(c) == {"live:a": [9]}  # its command ran (publication delivered here)
+        wire.pump(1)  # 3, live
+        await wire.settle()
+        assert _got(c) == {"live:a": [3]}
+        assert wire.log(1).waited == 1
+
+    _run(main())
+
+
+def test_join_and_leave_in_the_window_reach_a_join_leave_subscriber_once() -> None:
+    async def main() -> None:
+        wire = _Wire()
+        await wire.settle()
+        v, t = wire.nodes
+        c = connected(v, user="alice")
+        c.subscribe("live:a", join_leave=True)
+        await wire.settle()
+        _pushes(c)
+        state = _export(c)
+        y = connected(t, user="yan")
+        y.subscribe("live:a")  # a join relayed from the thief, before the import
+        z = connected(v, user="zoe")
+        z.subscribe("live:a")  # a join the victim handles after the export
+        wire.pump(1)
+        _move(c, v, t, state)
+        z.s.disconnect()  # a leave, live
+        await wire.settle()
+        seen = [("join" if "join" in p else "leave", p[next(iter({"join", "leave"} & p.keys()))]
+                 ["info"]["user"]) for p in _pushes(c) if {"join", "leave"} & p.keys()]
+        assert seen == [("join", "yan"), ("join", "zoe"), ("leave", "zoe")]
+
+    _run(main())
+
+
+def test_a_window_longer_than_the_relay_log_is_3010_and_counted() -> None:
+    async def main() -> None:
+        wire = _Wire()
+        await wire.settle()
+        v, t = wire.nodes
+        wire.log(1).max_entries = 4
+        c = connected(v, user="alice")
+        c.subscribe("live:a")
+        await wire.settle()  # (its join push too)
+        state = _export(c)
+        for n in range(6):  # only the last 4 are kept: the thief cannot tell what c missed
+            await wire.publish(1, "live:other", n)
+        _move(c, v, t, state)
+        assert c.t.closed == (3010, "insufficient state") and c.s.closed
+        assert wire.log(1).insufficient == 1 and c.s not in t.hub.subscribers("live:a")
+
+    _run(main())
+
+
+def test_a_thief_that_never_catches_up_gives_up_with_3010() -> None:
+    async def main() -> None:
+        wire = _Wire()
+        await wire.settle()
+        v, t = wire.nodes
+        c = connected(v, user="alice")
+        c.subscribe("live:a")
+        await wire.settle()
+        await wire.publish(0, "live:a", 1)  # lost on its way to the thief (never pumped)
+        state = _export(c)
+        now = [0.0]
+        wire.log(1).clock = lambda: now[0]
+        _move(c, v, t, state)
+        assert c.s.busy and c.t.closed is None
+        now[0] += 1.0
+        assert wire.log(1).expire() == 1.0 and c.t.closed is None
+        now[0] += 1.0
+        assert wire.log(1).expire() is None
+        assert c.t.closed == (3010, "insufficient state") and c.s.closed
+        assert wire.log(1).insufficient == 1 and c.s not in t.hub.subscribers("live:a")
+        assert not t.hub._pending and not t.hub.user_sessions("alice")
+
+    _run(main())
+
+
+def test_a_returned_hand_over_replays_from_the_victims_own_log() -> None:
+    async def main() -> None:
+        wire = _Wire()
+        await wire.settle()
+        v, t = wire.nodes
+        c = connected(v, user="alice")
+        c.subscribe("live:a")
+        state = _export(c)
+        await wire.publish(0, "live:a", 1)
+        await wire.publish(1, "live:a", 2)
+        wire.pump(0)
+        _move(c, v, v, state)  # the thief could not take it: back home
+        assert _got(c) == {"live:a": [1, 2]}
+
+    _run(main())
+
+
+def test_history_channels_resync_by_offset_and_are_not_replayed_twice() -> None:
+    async def main() -> None:
+        wire = _Wire()
+        await wire.settle()
+        v, t = wire.nodes
+        c = connected(v, user="alice")
+        c.subscribe("live:a")
+        c.fire("subscribe", {"channel": "hist:h"})  # positioned: asks the channel's owner
+        await wire.settle()
+        await wire.publish(0, "hist:h", 1)
+        await wire.settle()
+        assert _got(c) == {"hist:h": [1]}
+        state = _export(c)
+        await wire.publish(0, "hist:h", 2)
+        await wire.publish(1, "live:a", 3)
+        await wire.settle()  # both handled by the thief before the import
+        _move(c, v, t, state)
+        await wire.settle()
+        assert _got(c) == {"live:a": [3], "hist:h": [2]}  # (that one by offset)
+        await wire.publish(1, "hist:h", 4)
+        await wire.settle()
+        assert _got(c) == {"hist:h": [4]}
+
+    _run(main())
+
+
+@pytest.mark.parametrize("source", [0, 1])
+def test_api_actions_on_a_user_in_the_window_reach_its_session(source: int) -> None:
+    async def main() -> None:
+        wire = _Wire()
+        await wire.settle()
+        v, t = wire.nodes
+        api = [http_api.HttpApi(n, call_all=n.broker.call_all) for n in wire.nodes]  # type: ignore[attr-defined]
+        gone, unsub, sub = (connected(v, user=u) for u in ("gone", "unsub", "sub"))
+        stay = connected(v, user="unsub")  # the same user, not moving: the same action
+        for cl in (gone, unsub, sub, stay):
+            cl.subscribe("live:a")
+        await wire.settle()
+        states = [_export(cl) for cl in (gone, unsub, sub)]
+        calls = [
+            api[source].disconnect({"user": "gone"}),
+            api[source].unsubscribe({"user": "unsub", "channel": "live:a"}),
+            api[source].subscribe({"user": "sub", "channel": "live:b"}),
+        ]
+        tasks = [asyncio.ensure_future(co) for co in calls]
+        await asyncio.sleep(0)
+        wire.pump(1)  # the thief handles them all before the imports
+        for cl, state in zip((gone, unsub, sub), states, strict=True):
+            _move(cl, v, t, state)
+        await wire.settle()
+        assert [await task for task in tasks] == [{}, {}, {}]
+        assert gone.t.closed == (3503, "force disconnect") and gone.s.closed
+        for cl in (unsub, stay):
+            assert [p for p in _pushes(cl) if "unsubscribe" in p and p["channel"] == "live:a"]
+        assert [p for p in _pushes(sub) if "subscribe" in p and p["channel"] == "live:b"]
+        await wire.publish(source, "live:a", 1)
+        await wire.publish(source, "live:b", 2)
+        await wire.settle()
+        assert _got(unsub) == _got(stay) == {}
+        assert _got(sub) == {"live:a": [1], "live:b": [2]}
+        # Each action applied once: nobody left in the window, nothing applied twice.
+        assert not t.hub.user_sessions("gone") and t.hub.user_sessions("sub") == [sub.s]
+
+    _run(main())
+
+
 # ---- the binary state format --------------------------------------------------------------
 _text = hs.text(max_size=40)
 _blob = hs.none() | hs.binary(max_size=40)
 _subs = hs.builds(SubRecord, _text, hs.integers(0, 0x7F), hs.integers(-(2**63), 2**63 - 1),
                   _blob, hs.integers(0, 2**64 - 1), _text, hs.booleans())
+_cuts = hs.none() | hs.dictionaries(hs.integers(0, 0xFFFF), hs.integers(0, 2**64 - 1),
+                                    max_size=8)
 _states = hs.builds(SessionState, _text, hs.text(min_size=1, max_size=40), _text, _blob,
                     hs.integers(-(2**63), 2**63 - 1), hs.integers(0, 255),
-                    hs.lists(_subs, max_size=5))
+                    hs.lists(_subs, max_size=5), _cuts)
 
 
 @settings(max_examples=300, deadline=None)
@@ -225,6 +582,25 @@ def test_state_decoder_refuses_garbage_cleanly(junk: bytes, st: SessionState) ->
             migration.decode(data)
         except StateError:
             pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(_states, hs.integers(0, 0xFFFF), hs.integers(0, 2**64 - 1))
+def test_state_cut_is_read_strictly(st: SessionState, origin: int, stamp: int) -> None:
+    data = migration.encode(st)
+    old = data[:3] + bytes([1]) + data[4:]  # a version 1 state (or anything else): refused
+    with pytest.raises(StateError, match="version"):
+        migration.decode(old)
+    # The cut is the tail: n, then n (origin, stamp) records. One origin twice is refused.
+    base = migration.encode(SessionState(st.kind, st.client, st.user, st.conn_info, st.exp,
+                                         st.priority, st.subs, None))
+    twice = base[:-2] + struct.pack(">HHQHQ", 2, origin, stamp, origin, stamp)
+    with pytest.raises(StateError, match="twice"):
+        migration.decode(twice)
+    assert migration.decode(base[:-2] + struct.pack(">HHQ", 1, origin, stamp)).cut == {
+        origin: stamp}
+    with pytest.raises(StateError):
+        migration.encode(SessionState("k", "c", cut={0x10000: 1}))
 
 
 # ---- end to end: a real node, clients moved by stealing ----------------------------------
@@ -258,6 +634,7 @@ class _Client:
         self.arrived = asyncio.Event()
         self.next_id = 0
         self.client = ""
+        self.user = ""
         self.local_port = 0
         self.reader: asyncio.Task[None] | None = None
         self.ended: str | None = None  # why the server side ended, if it did
@@ -494,4 +871,201 @@ async def _scenario(srv: Any, pids: list[int]) -> None:
         assert "publish" in await cl.call("publish", {"channel": "news", "data": {"c": 1}})
     assert all(cl.ended is None for cl in kept), [cl.ended for cl in kept]
     for cl in kept:
+        await cl.close()
+
+
+# ---- end to end: the window between export and import, widened ----------------------------
+# A namespace without history: nothing to recover by offset, only the relay log can help.
+LIVE_NAMESPACE = """
+[gateway.namespaces.live]
+allow_subscribe_for_client = true
+allow_publish_for_client = true
+"""
+
+
+def _live_config(tmp_path: Any) -> str:
+    example = Path(__file__).resolve().parent.parent / "config" / "example.toml"
+    path = tmp_path / "live.toml"
+    path.write_text(example.read_text() + LIVE_NAMESPACE)
+    return str(path)
+
+
+async def _split(srv: Any, pids: list[int], users: Any) -> tuple[list[_Client], int, int]:
+    """Clients connected (user ``users(i)``), then those of the worker holding fewer closed:
+    the other one holds all the rest, and the empty one will steal half. Returns the kept
+    clients, the full worker's pid and the empty one's. (The connect reply names the worker:
+    no ``ss``, which takes seconds on a loaded machine.)"""
+    clients: list[_Client] = [k() for _ in range(N_EACH) for k in (_WsClient, _TcpClient)]
+    where: dict[int, int] = {}
+    for i, cl in enumerate(clients):
+        await cl.open(srv)
+        cl.user = users(i)
+        reply = await cl.call("connect", {"token": _token(cl.user)})
+        cl.client = reply["connect"]["client"]
+        where[id(cl)] = pids[int(reply["connect"]["node"].rsplit("-", 1)[1])]
+    full = max(pids, key=lambda p: sum(where[id(cl)] == p for cl in clients))
+    empty = next(p for p in pids if p != full)
+    kept = [cl for cl in clients if where[id(cl)] == full]
+    for cl in clients:
+        if where[id(cl)] != full:
+            await cl.close()
+    return kept, full, empty
+
+
+def _worker(srv: Any, pid: int) -> dict[str, Any]:
+    return next((w for w in srv.status().get("worker_stats", []) if w and w["pid"] == pid), {})
+
+
+def _start_gateway(gateway: Any, tmp_path: Any, delay_ms: int) -> tuple[Any, list[int]]:
+    srv = gateway(*STEAL, "--steal-adopt-delay-ms", str(delay_ms),
+                  "--config", _live_config(tmp_path))
+    st = srv.wait_stats(lambda st: all(w and "steal" in w for w in st["worker_stats"]))
+    assert all(w["steal"]["enabled"] for w in st["worker_stats"])
+    return srv, [w["pid"] for w in st["worker_stats"]]
+
+
+class _Publisher(threading.Thread):
+    """Publishes ``{"p": k, "seq": i}`` to ``channel`` back to back over one keep-alive API
+    connection, which stays on the worker that accepted it: one origin, so one order."""
+
+    def __init__(self, srv: Any, k: int, channel: str) -> None:
+        super().__init__(daemon=True)
+        self.k, self.channel = k, channel
+        self.conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        self.conn.connect()
+        assert self.conn.sock is not None
+        self.local_port = self.conn.sock.getsockname()[1]
+        self.sent = 0
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                body = json.dumps({"channel": self.channel,
+                                   "data": {"p": self.k, "seq": self.sent}})
+                self.conn.request("POST", "/api/publish", body,
+                                  {"X-API-Key": API_KEY, "Content-Type": "application/json"})
+                resp = json.loads(self.conn.getresponse().read())
+                assert "error" not in resp, resp
+                self.sent += 1
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.conn.close()
+
+
+def _publishers(srv: Any, channel: str, n: int = 4) -> list[_Publisher]:
+    """``n`` publishers; the kernel spreads their connections over the workers, so most
+    likely both publish (either alone loses publications in the window without the log)."""
+    return [_Publisher(srv, k, channel) for k in range(n)]
+
+
+def test_publications_without_history_reach_clients_moved_mid_stream_exactly_once(
+        gateway: Any, tmp_path: Any) -> None:
+    # The thief waits 300 ms before adopting each socket: hundreds of publications fall in
+    # the window, on both workers, where before they were lost for the moving clients.
+    srv, pids = _start_gateway(gateway, tmp_path, 300)
+    asyncio.run(_stream_while_moving(srv, pids))
+
+
+async def _stream_while_moving(srv: Any, pids: list[int]) -> None:
+    kept, full, empty = await _split(srv, pids, lambda i: f"user{i}")
+    for cl in kept:
+        assert "subscribe" in await cl.call("subscribe", {"channel": "live:feed"})
+    pubs = _publishers(srv, "live:feed")
+    for p in pubs:
+        p.start()
+    moves = len(kept) // 2 - 1
+    deadline = time.monotonic() + 60
+    while srv.total("migrated_in") < moves:
+        assert time.monotonic() < deadline, "no stealing while publishing"
+        assert all(p.error is None for p in pubs), [p.error for p in pubs]
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # and some more after the last import
+    for p in pubs:
+        p.stop.set()
+    for p in pubs:
+        await asyncio.to_thread(p.join, 20)
+        assert p.error is None and not p.is_alive(), p.error
+    sent = {p.k: p.sent for p in pubs}
+    assert all(n > 0 for n in sent.values()), sent
+
+    # Every client, moved or not, got every publication once, in each publisher's order.
+    for cl in kept:
+        got = await _drain(cl, "live:feed", sum(sent.values()))
+        by_p: dict[int, list[int]] = {}
+        for push in got:
+            data = push["pub"]["data"]
+            by_p.setdefault(data["p"], []).append(data["seq"])
+        for k, n in sent.items():
+            assert by_p.get(k) == list(range(n)), (cl.kind, k, n, len(by_p.get(k, [])))
+    assert all(cl.ended is None for cl in kept), [cl.ended for cl in kept]
+    st = await asyncio.to_thread(settled, srv, len(kept))
+    thief = next(w for w in st["worker_stats"] if w["pid"] == empty)
+    assert thief["migrated_in"] >= moves
+    assert thief["apps"][0]["migration_resumed_total"] >= moves
+    thief = thief["apps"][0]
+    assert thief["migration_replayed_total"] > 0  # the window did hold publications
+    assert thief["migration_insufficient_total"] == 0
+    for cl in kept:
+        await cl.close()
+
+
+def test_api_disconnect_and_unsubscribe_reach_sessions_mid_move(
+        gateway: Any, tmp_path: Any) -> None:
+    # The thief holds the sockets 5 s before adopting them: the API's actions land between
+    # the victim's export and the thief's import, where before both workers missed them.
+    srv, pids = _start_gateway(gateway, tmp_path, 5000)
+    asyncio.run(_api_while_moving(srv, pids))
+
+
+async def _api_while_moving(srv: Any, pids: list[int]) -> None:
+    kept, full, empty = await _split(srv, pids, lambda i: f"user{i}")
+    for cl in kept:
+        for channel in ("live:feed", "live:other"):
+            assert "subscribe" in await cl.call("subscribe", {"channel": channel})
+    # Every client gets one action by its user: which of them move is the victim's choice.
+    quit_, leave = kept[::2], kept[1::2]
+    calls = [("disconnect", {"user": cl.user}) for cl in quit_] + [
+        ("unsubscribe", {"user": cl.user, "channel": "live:feed"}) for cl in leave]
+    # The window: the victim has handed sockets over (its count, reported every second);
+    # the thief adopts them 5 s after it got them.
+    deadline = time.monotonic() + 30
+    while not _worker(srv, full).get("migrated_out"):
+        assert time.monotonic() < deadline, "no stealing"
+        await asyncio.sleep(0.05)
+    assert not _worker(srv, empty).get("migrated_in")
+    results = await asyncio.gather(*(asyncio.to_thread(_api, srv, m, b) for m, b in calls))
+    assert all(r == {"result": {}} for r in results), results
+
+    deadline = time.monotonic() + 20  # (the thief adopts 5 s after the hand-over)
+    for cl in quit_:
+        while cl.ended is None:
+            assert time.monotonic() < deadline, [c.ended for c in quit_]
+            await asyncio.sleep(0.05)
+        if isinstance(cl, _WsClient):
+            assert cl.ws.close_code == 3503, cl.ended
+        else:
+            assert cl.ended == "eof"
+    st = await asyncio.to_thread(settled, srv, len(leave))
+    deadline = time.monotonic() + 10
+    for cl in leave:
+        while not [p for p in cl.pushes if "unsubscribe" in p and p["channel"] == "live:feed"]:
+            assert time.monotonic() < deadline and cl.ended is None, (cl.ended, cl.pushes)
+            await asyncio.sleep(0.05)
+    thief = next(w for w in st["worker_stats"] if w["pid"] == empty)
+    # Some sessions were in the window: they got their action on arrival, from the relay log.
+    assert thief["migrated_in"] >= 1 and thief["apps"][0]["migration_replayed_total"] >= 1, (
+        thief["migrated_in"], thief["apps"][0])
+    assert thief["apps"][0]["migration_insufficient_total"] == 0
+    assert srv.closes().get("disconnect_3503") == len(quit_), srv.closes()
+    for n, channel in enumerate(("live:feed", "live:other")):
+        res = await asyncio.to_thread(_api, srv, "publish", {"channel": channel,
+                                                             "data": {"n": n}})
+        assert "error" not in res, res
+    for cl in leave:
+        assert (await cl.pub("live:other"))["data"] == {"n": 1}
+        assert not [p for p in cl.pushes if "pub" in p and p["channel"] == "live:feed"]
+        assert cl.ended is None
         await cl.close()

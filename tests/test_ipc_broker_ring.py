@@ -10,6 +10,7 @@ import pytest
 
 from tidegate.cluster.ipc_broker import IpcBroker, WorkerGone, worker_ring
 from tidegate.engine import control
+from tidegate.engine.options import EngineOptions
 from tidegate.gateway.messages import ClientInfo
 
 HIST = {"history_size": 10, "history_ttl_s": 60.0}
@@ -30,6 +31,8 @@ class Recorder:
 
 
 class FakeWorker:
+    opts = EngineOptions()
+
     def __init__(self, sup: FakeSupervisor, index: int) -> None:
         self.sup, self.index = sup, index
         self.handlers: dict[bytes, Any] = {}

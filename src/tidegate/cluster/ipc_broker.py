@@ -12,6 +12,16 @@ Requests to an owner (publish with history, history, recover, presence) and thei
 through the supervisor too (``control.TO``). Both ends are our own processes, so messages are
 pickled.
 
+Sessions that move between workers (work stealing) miss nothing relayed meanwhile: every relay
+carries its origin and a per-worker stamp, and each worker keeps a relay log of what it
+delivered (gateway/relaylog.py) from which an imported session gets what the move skipped.
+The HTTP API's actions on users' sessions (``subscribe``, ``unsubscribe``, ``disconnect``:
+the session commands, :meth:`IpcBroker.register_session_command`) travel the same way, as a
+stamped relay that every worker applies the moment it handles it and answers with ``TO``
+(:meth:`IpcBroker.call_all`): a session in flight gets the command on import, once, in order
+with the publications around it. On boot each worker says hello to every other (the stamps
+they stand at), through the same ordered channels, before it lets a session move out.
+
 Workers dying and coming back: the supervisor tells every worker which workers are up
 (``control.MEMBERS``) whenever that changes. A dead worker leaves the ring, so its channels
 go to their ring successors at once and the other channels stay put; calls that were waiting
@@ -28,6 +38,7 @@ to the owner it sees.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import pickle
@@ -41,6 +52,7 @@ from tidegate.engine import control
 from tidegate.gateway.broker import Broker, BrokerError, BrokerEventHandler, MemoryBroker
 from tidegate.gateway.history import RecoveryResult
 from tidegate.gateway.messages import ClientInfo, HistoryResult, Publication
+from tidegate.gateway.relaylog import CMD, RelayLog
 from tidegate.observe.histogram import Histogram
 from tidegate.observe.tracing import PUBLISH_TRACEPARENT, TRACING
 
@@ -100,6 +112,11 @@ class IpcBroker(Broker):
         self._services: dict[str, Callable[..., Any]] = {
             name: getattr(self.local, name) for name in _STORE_METHODS
         }
+        # One worker relays nothing: nothing to log, no session ever moves.
+        self.relay_log = RelayLog(index) if workers > 1 else None
+        self._wait_timer: asyncio.TimerHandle | None = None
+        if self.relay_log is not None:
+            self._services["relay_hello"] = self._on_hello
 
     def attach(self, worker: Worker) -> None:
         """Start receiving: called in the worker once its control channel is up."""
@@ -107,6 +124,11 @@ class IpcBroker(Broker):
         worker.on_control(control.RELAY, self._on_relay)
         worker.on_control(control.TO, self._on_direct)
         worker.on_control(control.MEMBERS, self._on_members)
+        if self.relay_log is not None:
+            self.relay_log.schedule = self._arm_wait_timer
+            # A window widened on purpose (fault injection) is still one the log must cover.
+            self.relay_log.max_age_s += worker.opts.steal_adopt_delay_ms / 1000
+            self._hello()
 
     def register(self, handler: BrokerEventHandler) -> None:
         self._handler = handler
@@ -119,6 +141,7 @@ class IpcBroker(Broker):
             "broker_ring_changes_total": self.ring_changes,
             "broker_rerouted_total": self.rerouted,
             "broker_dropped_channels_total": self.dropped_channels,
+            **(self.relay_log.stats() if self.relay_log is not None else {}),
         }
 
     # ---- membership -------------------------------------------------------------------
@@ -155,15 +178,88 @@ class IpcBroker(Broker):
         self.dropped_channels += len(gone)
         return len(gone)
 
+    # ---- the relay log: hellos, waiting sessions ------------------------------------------
+    def _hello(self) -> None:
+        """Tell every other worker where our stamps stand, and ask where theirs do (see
+        gateway/relaylog.py). Sent now, before anything we relay: each reaches its target
+        ahead of our first relay there."""
+        log, w = self.relay_log, self._worker
+        assert log is not None and w is not None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        futs = []
+        msg: tuple[Any, ...]
+        for target in range(self.workers):
+            if target == self.index:
+                continue
+            rid = next(self._rids)
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._pending[rid] = (fut, target)
+            msg = (rid, self.index, "relay_hello", (self.index, log.top), {}, None, 0)
+            body = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
+            if not w.send_control(control.TO, target.to_bytes(2, "big") + body):
+                fut.set_exception(BrokerUnavailable(f"cannot reach worker {target}"))
+            fut.add_done_callback(functools.partial(self._helloed, rid, target))
+            futs.append(fut)
+        log.ready = False
+        timer = loop.call_later(REQUEST_TIMEOUT_S, _expire_all, futs, "relay_hello")
+        asked = set(futs)
+
+        def answered(fut: asyncio.Future[Any]) -> None:
+            asked.discard(fut)
+            if not asked:
+                timer.cancel()
+                log.ready = True
+
+        for fut in futs:
+            fut.add_done_callback(answered)
+
+    def _helloed(self, rid: int, target: int, fut: asyncio.Future[Any]) -> None:
+        self._pending.pop(rid, None)
+        log = self.relay_log
+        assert log is not None
+        if fut.cancelled() or fut.exception() is not None:
+            log.hello_failed(target)  # down (or unreachable): it will send nothing more
+        else:
+            log.hello(target, fut.result())
+        log.release()
+
+    def _on_hello(self, origin: int, top: int) -> int:
+        log = self.relay_log
+        assert log is not None
+        log.hello(origin, top)
+        log.release()
+        return log.top  # the reply goes after every relay we sent before it
+
+    def _arm_wait_timer(self, delay: float) -> None:
+        if self._wait_timer is None:
+            loop = asyncio.get_running_loop()
+            self._wait_timer = loop.call_later(delay, self._expire_waits)
+
+    def _expire_waits(self) -> None:
+        self._wait_timer = None
+        assert self.relay_log is not None
+        delay = self.relay_log.expire()
+        if delay is not None:
+            self._arm_wait_timer(delay)
+
     # ---- sending ----------------------------------------------------------------------
-    def _relay(self, msg: tuple[Any, ...]) -> None:
+    def _relay(self, msg: tuple[Any, ...]) -> bool:
         if self._worker is not None and self.workers > 1:
-            self._worker.send_control(control.RELAY, pickle.dumps(msg, pickle.HIGHEST_PROTOCOL))
+            body = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
+            return self._worker.send_control(control.RELAY, body)
+        return False
 
     def _deliver_everywhere(self, kind: str, channel: str, obj: Any) -> None:
         tp = PUBLISH_TRACEPARENT.get()
-        # Relay first: the other workers fan out while this one does, not after it.
-        self._relay((kind, channel, obj, tp))
+        log = self.relay_log
+        if log is not None:
+            stamp = log.stamp()
+            # Relay first: the other workers fan out while this one does, not after it.
+            self._relay((kind, channel, obj, tp, self.index, stamp))
+            log.add(self.index, stamp, kind, channel, obj)
         self._deliver_here(kind, channel, obj, tp)
 
     def _deliver_here(self, kind: str, channel: str, obj: Any, tp: str | None = None) -> None:
@@ -186,6 +282,13 @@ class IpcBroker(Broker):
     def register_service(self, name: str, fn: Callable[..., Any]) -> None:
         """Let any worker run ``fn`` here through :meth:`call` / :meth:`call_all`."""
         self._services[name] = fn
+
+    def register_session_command(self, name: str, on_session: Callable[..., Any]) -> None:
+        """Make service ``name`` (registered too: ``fn(user, client, *args)``, acting on this
+        worker's sessions of that user) a session command: :meth:`call_all` stamps and relays
+        it, and a session that moves meanwhile gets ``on_session(session, *args)`` on import."""
+        if self.relay_log is not None:
+            self.relay_log.commands[name] = on_session
 
     async def _call(self, channel: str, method: str, *args: Any, **kw: Any) -> Any:
         """Run a store method on the channel's owner, here or over IPC."""
@@ -231,13 +334,107 @@ class IpcBroker(Broker):
 
     async def call_all(self, name: str, *args: Any, **kw: Any) -> list[Any]:
         """Run service ``name`` on every worker; results in worker order (errors included)."""
+        log = self.relay_log
+        if log is not None and name in log.commands and self._worker is not None and not kw:
+            return await self._command_all(log, name, args)
         coros = [self.call(i, name, *args, **kw) for i in range(self.workers)]
         return list(await asyncio.gather(*coros, return_exceptions=True))
 
+    async def _command_all(self, log: RelayLog, name: str, args: tuple[Any, ...]) -> list[Any]:
+        """A session command: one stamped relay, applied here at once and by every other
+        worker the moment it handles it (see the module doc); each live one answers."""
+        loop = asyncio.get_running_loop()
+        futs: dict[int, asyncio.Future[Any]] = {}
+        rids: dict[int, int] = {}
+        for target in range(self.workers):
+            if target != self.index and target in self.ring:
+                rid = next(self._rids)
+                futs[target] = loop.create_future()
+                self._pending[rid] = (futs[target], target)
+                rids[target] = rid
+        stamp = log.stamp()
+        sent = self._relay((CMD, name, (args, rids), PUBLISH_TRACEPARENT.get(), self.index, stamp))
+        log.add(self.index, stamp, CMD, name, args)
+        here: Any
+        try:
+            here = self._services[name](*args)
+            if inspect.isawaitable(here):  # its rest runs while the others answer
+                here = asyncio.ensure_future(here)
+        except Exception as exc:
+            here = exc
+        if not sent:
+            for fut in futs.values():
+                fut.set_exception(BrokerUnavailable("cannot relay"))
+        timer = loop.call_later(REQUEST_TIMEOUT_S, _expire_all, list(futs.values()), name)
+        out: list[Any] = []
+        try:
+            for i in range(self.workers):
+                try:
+                    if i == self.index:
+                        if isinstance(here, Exception):
+                            raise here
+                        out.append(await _result(here))
+                    elif i in futs:
+                        out.append(await futs[i])
+                    else:
+                        raise WorkerGone(f"worker {i} is down")
+                except Exception as exc:
+                    if i != self.index:
+                        self.errors += 1
+                    out.append(exc)
+        finally:
+            timer.cancel()
+            for rid in rids.values():
+                self._pending.pop(rid, None)
+        return out
+
     # ---- receiving --------------------------------------------------------------------
     def _on_relay(self, body: bytes) -> None:
-        kind, channel, obj, tp = pickle.loads(body)
-        self._deliver_here(kind, channel, obj, tp)
+        kind, channel, obj, tp, origin, stamp = pickle.loads(body)
+        log = self.relay_log
+        if kind == CMD:
+            self._run_command(origin, stamp, channel, obj, tp)
+        else:
+            if log is not None:
+                log.add(origin, stamp, kind, channel, obj)
+            self._deliver_here(kind, channel, obj, tp)
+        if log is not None and log.waiting:  # after delivery: the log then has this one too
+            log.release()
+
+    def _run_command(self, origin: int, stamp: int, name: str, payload: Any,
+                     tp: str | None) -> None:
+        """A session command another worker relayed: applied now (its stamp is handled now),
+        answered when done if its sender waits for us."""
+        args, rids = payload
+        if self.relay_log is not None:
+            self.relay_log.add(origin, stamp, CMD, name, args)
+        token = PUBLISH_TRACEPARENT.set(tp)
+        try:
+            value = self._services[name](*args)
+            ok = True
+        except Exception as exc:
+            value, ok = exc, False
+        finally:
+            PUBLISH_TRACEPARENT.reset(token)
+        rid = rids.get(self.index)
+        if ok and inspect.isawaitable(value):
+            asyncio.get_running_loop().create_task(self._finish_command(origin, rid, value, tp))
+        elif rid is not None:
+            self._answer(origin, (rid, None, ok, value))
+
+    async def _finish_command(self, origin: int, rid: int | None, aw: Any, tp: str | None) -> None:
+        PUBLISH_TRACEPARENT.set(tp)
+        try:
+            reply = (rid, None, True, await aw)
+        except Exception as exc:
+            reply = (rid, None, False, exc)
+        if rid is not None:
+            self._answer(origin, reply)
+
+    def _answer(self, origin: int, reply: tuple[Any, ...]) -> None:
+        if self._worker is not None:
+            data = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
+            self._worker.send_control(control.TO, origin.to_bytes(2, "big") + data)
 
     def _on_direct(self, body: bytes) -> None:
         msg = pickle.loads(body)
@@ -266,9 +463,7 @@ class IpcBroker(Broker):
             reply = (rid, None, True, value)
         except Exception as exc:  # the caller gets the same exception (e.g. Unrecoverable)
             reply = (rid, None, False, exc)
-        if self._worker is not None:
-            data = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
-            self._worker.send_control(control.TO, origin.to_bytes(2, "big") + data)
+        self._answer(origin, reply)
 
     # ---- Broker -------------------------------------------------------------------------
     async def publish(
@@ -334,6 +529,11 @@ class IpcBroker(Broker):
 def _expire(fut: asyncio.Future[Any], what: str) -> None:
     if not fut.done():
         fut.set_exception(BrokerUnavailable(f"no answer in {REQUEST_TIMEOUT_S:g} s from {what}"))
+
+
+def _expire_all(futs: list[asyncio.Future[Any]], what: str) -> None:
+    for fut in futs:
+        _expire(fut, what)
 
 
 async def _result(value: Any) -> Any:

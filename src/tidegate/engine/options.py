@@ -33,6 +33,9 @@ class EngineOptions:
     steal_tries_per_tick: int = 16
     steal_min_idle_ms: float = 500.0
     steal_slack_ratio: float = 0.01
+    # Fault injection for tests only: a thief waits this long before adopting each socket it
+    # received, which widens the window between a session's export and its import. 0 in use.
+    steal_adopt_delay_ms: float = 0.0
 
     # Timing wheel resolution and liveness (L1 keepalive in the kernel, L2 heartbeat here).
     tick_s: float = 0.5
@@ -121,9 +124,10 @@ class EngineOptions:
             raise ValueError(f"loop must be uvloop or asyncio, not {self.loop!r}")
         if self.tick_s <= 0:
             raise ValueError("tick_s must be > 0")
-        if self.steal_tick_s <= 0 or self.steal_max_per_tick < 0 or self.steal_slack_ratio < 0:
-            raise ValueError("steal_tick_s must be > 0, steal_max_per_tick and "
-                             "steal_slack_ratio >= 0")
+        if (self.steal_tick_s <= 0 or self.steal_max_per_tick < 0 or self.steal_slack_ratio < 0
+                or self.steal_adopt_delay_ms < 0):
+            raise ValueError("steal_tick_s must be > 0, steal_max_per_tick, "
+                             "steal_slack_ratio and steal_adopt_delay_ms >= 0")
         if self.eviction_tick_s <= 0:
             raise ValueError("eviction_tick_s must be > 0")
         if not 0 < self.eviction_max_fraction_per_tick <= 1:

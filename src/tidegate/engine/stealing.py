@@ -22,7 +22,16 @@ One round, every ``steal_tick_s``:
 4. The thief adopts each socket like a handed-off one, calls ``import_state`` instead of
    ``on_open`` and puts the connection in its timing wheel with its idle time, so heartbeats go
    on as scheduled. Bytes the client sent meanwhile wait in the kernel's socket buffer and are
-   read by the thief.
+   read by the thief. Sockets it is still adopting count in its load, its own and the table's
+   (``adopting`` in its stats).
+
+Between the export and the import the connection belongs to neither handler: what the other
+workers relay meanwhile is the handler's business. The gateway's sessions miss none of it
+(gateway/relaylog.py: the victim's cut travels in the state, the thief delivers what came
+after it). The hand-over itself goes round the supervisor's outbox (fds are sent at once or
+not at all), so it may overtake control messages queued for the thief: a handler must not
+assume the thief has seen what the victim had. ``steal_adopt_delay_ms`` (fault injection for
+tests, 0 otherwise) makes the thief wait before each adoption, widening that window.
 
 Step 3's checks and the hand-over run in one loop callback on the victim: no input can be
 processed between the decision and the fd leaving, so "nothing buffered" stays true.
@@ -43,6 +52,7 @@ directly does not drain on its own: it asks the supervisor to drain the node
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -132,6 +142,7 @@ class Stealer:
         return {
             "migrated_in": self.migrated_in,
             "migrated_out": self.migrated_out,
+            "adopting": self.adopting,  # (in the load table: ours already)
             "steal": {
                 "enabled": self.enabled, "attempts": self.attempts, "refusals": self.refusals,
                 "refused": self.refused, "returned": self.returned, "lost": self.lost,
@@ -360,6 +371,8 @@ class Stealer:
             return c
 
         try:
+            if self.w.opts.steal_adopt_delay_ms:  # fault injection (tests): a wider window
+                await asyncio.sleep(self.w.opts.steal_adopt_delay_ms / 1000)
             await self.w.loop.connect_accepted_socket(arriving, sock)
         except OSError:  # it died in flight
             sock.close()

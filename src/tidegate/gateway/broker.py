@@ -15,11 +15,14 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tidegate.gateway.history import HistoryStore, RecoveryResult
 from tidegate.gateway.messages import ClientInfo, HistoryResult, Publication
 from tidegate.gateway.presence import PresenceStore
+
+if TYPE_CHECKING:
+    from tidegate.gateway.relaylog import RelayLog
 
 __all__ = ["Broker", "BrokerError", "BrokerEventHandler", "MemoryBroker"]
 
@@ -40,6 +43,9 @@ class BrokerEventHandler(Protocol):
 
 class Broker(ABC):
     inline: bool = False
+    # A broker that relays between workers keeps one (gateway/relaylog.py): sessions that move
+    # between workers then miss nothing relayed while they were in flight. None: at most once.
+    relay_log: RelayLog | None = None
 
     @abstractmethod
     def register(self, handler: BrokerEventHandler) -> None:

@@ -202,9 +202,10 @@ class Hub:
         return first
 
     def add_pending(self, channel: str, session: ClientSession) -> bool:
-        """Register a session that is still subscribing: it counts as a subscriber, but
-        publications for it are buffered until :meth:`activate` (or dropped by
-        :meth:`remove_subscriber`). Returns True when it is the channel's first local one."""
+        """Register a session that is still subscribing (or arriving from another worker:
+        gateway/session.py, ``restore``): it counts as a subscriber, but publications for it
+        are buffered until :meth:`activate` (or dropped by :meth:`remove_subscriber`).
+        Returns True when it is the channel's first local one."""
         pend = self._pending.get(channel)
         if pend is None:
             pend = self._pending[channel] = {}
@@ -230,6 +231,14 @@ class Hub:
                 jl = self._jl[channel] = set()
             jl.add(session)
         return buf
+
+    def add_join_leave(self, channel: str, session: ClientSession) -> None:
+        """Send ``session`` join/leave pushes of ``channel`` from now on, while its
+        publications may still be pending (a session that moved: gateway/session.py)."""
+        jl = self._jl.get(channel)
+        if jl is None:
+            jl = self._jl[channel] = set()
+        jl.add(session)
 
     def subscribing(self, channel: str, session: ClientSession) -> bool:
         """``session`` is pending on ``channel`` (its subscribe is in flight)."""

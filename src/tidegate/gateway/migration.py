@@ -8,18 +8,22 @@ subscriptions, no join/leave, no disconnect.
 What moves (:class:`SessionState`, a small versioned binary record, :func:`encode` /
 :func:`decode`): the transport kind (``ws-json``, ``ws-protobuf``, ``tcp-json``,
 ``tcp-protobuf``: the codec follows from it), the client id, user, connection info, connection
-token expiry, eviction class, and every subscription with its flags (join/leave, presence,
+token expiry, eviction class, every subscription with its flags (join/leave, presence,
 server-side), subscription token expiry and channel info, and the stream position the old
-worker had written up to (offset, epoch) for channels with history. Heartbeat state (idle time,
-the wheel's schedule) is the engine's and moves with the socket.
+worker had written up to (offset, epoch) for channels with history; and the old worker's cut
+(the last relay stamp it had handled from each worker, gateway/relaylog.py). Heartbeat state
+(idle time, the wheel's schedule) is the engine's and moves with the socket.
 
 What does not move, so the session stays where it is (``export_state`` returns None): a
 connection that is not a connected client session (mid-handshake, before connect, the HTTP
 API), one with a command in progress (an RPC, a history or presence call, a subscribe: any
 task), a subscribe in flight (server-side ones included), a chunked fan-out still writing to
 one of its channels, a fragmented WebSocket message half received, a connect still being
-traced, TLS. There is no per-message compression to carry: the WebSocket handshake declines
-permessage-deflate (protocol/websocket.py), so every WebSocket frame boundary is a clean cut.
+traced, TLS; and any session while its worker has not yet heard from every other one since
+it started (its relay cut would not cover them, gateway/relaylog.py), or while it is itself
+still catching up after a move. There is no per-message compression to carry: the WebSocket
+handshake declines permessage-deflate (protocol/websocket.py), so every WebSocket frame
+boundary is a clean cut.
 
 The old worker forgets the session without a close (``ClientSession.detach``): out of its hub
 (subscriber sets, join/leave sets, the user index), ``broker.unsubscribe`` for channels it was
@@ -29,16 +33,23 @@ worker registers it (``ClientSession.restore``) without a join push or a presenc
 live with the channel's owner worker (cluster/ipc_broker.py), keyed by client id, and the
 client id does not change.
 
-The window between export and import: publications to the session's channels that the old
-worker handles after the export and the new one before the import reach neither. For
-channels with history this is closed by the stream position: the new worker registers the
+The window between export and import: what is relayed to every worker (publications,
+join/leave pushes, the HTTP API's subscribe/unsubscribe/disconnect of a user) and handled by
+the old worker after the export and by the new one before the import would reach neither.
+For channels with history the stream position closes it: the new worker registers the
 subscription as *pending* first (publications from then on are buffered), asks the channel's
 owner for what came after the position (``broker.recover``), writes it, then the buffer minus
 what that covered, in offset order - exactly a subscribe's recovery. If the position cannot be
 continued (trimmed, a new epoch), the client gets disconnect 3010 "insufficient state" and
-recovers on its reconnect. Channels without history have no offsets: a publication relayed
-during the window (one supervisor hop plus the socket's adoption, well under a millisecond
-on an idle machine) is lost for the moving client, the at-most-once of such channels.
+recovers on its reconnect. Everything else - publications of channels without history (or
+without a known position), join/leave pushes, the API's commands - the cut closes
+(gateway/relaylog.py): the new worker keeps the session pending (out of the user index, its
+own commands waiting) until it has handled everything the old one had, then writes what its
+relay log holds after the cut, in the order it handled it, and goes live in the same loop
+callback: exactly once, in each publisher's order. If its log no longer reaches back to the
+cut (a window longer than the log keeps), the client gets 3010 too. A hand-over that comes
+back to the old worker is imported the same way, from its own log. Only with one worker (no
+relay log) is a state without a cut imported the old way: at most once on such channels.
 """
 
 from __future__ import annotations
@@ -61,13 +72,14 @@ __all__ = ["GatewayMigration", "StateError", "SessionState", "SubRecord", "decod
 log = logging.getLogger("tidegate.gateway")
 
 MAGIC = b"TGs"
-VERSION = 1
+VERSION = 2  # 2: the relay cut
 _NONE = 0xFFFFFFFF  # an absent bytes field
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _HEAD = struct.Struct(">qBH")  # connection expiry, eviction class, subscriptions
 _SUB = struct.Struct(">BqQ")  # flags, subscription expiry, stream offset
+_CUT = struct.Struct(">HQ")  # origin worker, its last stamp handled
 
 
 class StateError(ValueError):
@@ -97,6 +109,8 @@ class SessionState:
     exp: int = 0
     priority: int = 0
     subs: list[SubRecord] = field(default_factory=list)
+    # The old worker's relay cut: origin worker -> last stamp it handled (None: no relay log).
+    cut: dict[int, int] | None = None
 
 
 # ---- the binary record ------------------------------------------------------------------
@@ -137,6 +151,16 @@ def encode(st: SessionState) -> bytes:
         out += _SUB.pack(flags, sub.exp, sub.offset)
         _str(out, sub.epoch)
         _blob(out, sub.chan_info)
+    if st.cut is None:
+        out += _U16.pack(0xFFFF)
+    else:
+        if len(st.cut) >= 0xFFFF:
+            raise StateError("cut too long")
+        out += _U16.pack(len(st.cut))
+        for origin, stamp in sorted(st.cut.items()):
+            if not 0 <= origin <= 0xFFFF or not 0 <= stamp < 1 << 64:
+                raise StateError("bad cut")
+            out += _CUT.pack(origin, stamp)
     return bytes(out)
 
 
@@ -189,11 +213,20 @@ def decode(data: bytes) -> SessionState:
         chan_info = r.blob()
         subs.append(SubRecord(channel, flags & 0x7F, sub_exp, chan_info, offset, epoch,
                               bool(flags & 0x80)))
+    (n,) = r.unpack(_U16)
+    cut: dict[int, int] | None = None
+    if n != 0xFFFF:
+        cut = {}
+        for _ in range(n):
+            origin, stamp = r.unpack(_CUT)
+            if origin in cut:
+                raise StateError("origin twice in the cut")
+            cut[origin] = stamp
     if r.pos != len(r.buf):
         raise StateError("trailing bytes")
     if not client:
         raise StateError("no client id")
-    return SessionState(kind, client, user, conn_info, exp, priority, subs)
+    return SessionState(kind, client, user, conn_info, exp, priority, subs, cut)
 
 
 # ---- the handler side -------------------------------------------------------------------

@@ -35,10 +35,11 @@ keep a reference, not copy.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from inspect import isawaitable
+from inspect import isawaitable, iscoroutine
 from typing import Any, Protocol
 
 from tidegate.gateway.auth import (
@@ -63,6 +64,7 @@ from tidegate.gateway.codes import (
     DISCONNECT_INSUFFICIENT_STATE,
     DISCONNECT_INVALID_TOKEN,
     DISCONNECT_NOT_AVAILABLE,
+    DISCONNECT_SERVER_ERROR,
     DISCONNECT_STALE,
     ERROR_ALREADY_SUBSCRIBED,
     ERROR_BAD_REQUEST,
@@ -105,6 +107,7 @@ from tidegate.gateway.messages import (
 from tidegate.gateway.migration import SessionState, SubRecord
 from tidegate.gateway.migration import encode as encode_state
 from tidegate.gateway.node import Node, Resume, drive
+from tidegate.gateway.relaylog import CMD, JOIN, PUB, Entry, RelayLog
 
 __all__ = ["ClientSession", "SubState", "Transport", "codec_for"]
 
@@ -490,6 +493,9 @@ class ClientSession:
         channels = self.channels()
         if hub.migration_blocked(self, channels):
             return None
+        relay = self._node.broker.relay_log
+        if relay is not None and not relay.ready:
+            return None  # its hellos are out: its cut would not cover every worker yet
         subs = []
         for channel, state in self._sub_items():
             rec = SubRecord(channel, _sub_flags(state))
@@ -501,7 +507,7 @@ class ClientSession:
                 rec.positioned = True
             subs.append(rec)
         st = SessionState(kind, self._client or "", self._user, self._conn_info, self._exp,
-                          self._priority, subs)
+                          self._priority, subs, relay.cut() if relay is not None else None)
         return encode_state(st)
 
     def detach(self) -> None:
@@ -525,7 +531,9 @@ class ClientSession:
         """The session :meth:`export_state` described, registered in this worker: hub (and
         ``broker.subscribe`` for channels new here), no join push, no presence add (both
         happened when it subscribed; presence lives with the channel's owner). Channels with
-        a stream position catch up on what the move may have skipped (:meth:`_resync`).
+        a stream position catch up on what the move may have skipped (:meth:`_resync`); the
+        others, join/leave pushes and the API's commands, from the broker's relay log when
+        it keeps one and the state carries the old worker's cut (:meth:`_caught_up`).
         On failure it undoes itself (a real leave: the caller disconnects) and raises."""
         fmt = "protobuf" if st.kind.endswith("protobuf") else "json"
         s = cls(transport, node, fmt)
@@ -536,9 +544,12 @@ class ClientSession:
         s._priority = st.priority
         s._flags = _CONNECTED
         hub = node.hub
+        relay = node.broker.relay_log if st.cut is not None else None
         todo: list[tuple[str, int, str]] = []
+        moved: list[str] = []  # resumed from the relay log
         try:
-            hub.add_session(s)
+            if relay is None:
+                hub.add_session(s)  # (else once caught up: API commands meanwhile are replayed)
             for rec in st.subs:
                 channel = sys.intern(rec.channel)
                 state: int | SubState = rec.flags
@@ -551,17 +562,122 @@ class ClientSession:
                 if rec.positioned and opts is not None and opts.history_enabled:
                     first = hub.add_pending(channel, s)  # buffered until _resync caught up
                     todo.append((channel, rec.offset, rec.epoch))
+                elif relay is not None:
+                    first = hub.add_pending(channel, s)  # until _caught_up
+                    moved.append(channel)
                 else:
                     first = hub.add_subscriber(channel, s, bool(rec.flags & SUB_JOIN_LEAVE))
                 if first:
                     drive(node.broker.subscribe(channel), node.inline)
-            if todo:
+            if relay is not None:
+                assert st.cut is not None
+                had = frozenset(s._subs[::2]) if s._subs else frozenset()
+                if relay.behind(st.cut):  # the client's commands wait with it (as behind
+                    s._busy = _Busy()  # a running command), and so does the user index
+                relay.resume(st.cut, functools.partial(s._caught_up, relay, moved, had, todo))
+            elif todo:
                 s._start_resync(todo)
         except BaseException:
             s._flags |= _CLOSED
             s._teardown()
             raise
         return s
+
+    def _caught_up(
+        self,
+        relay: RelayLog,
+        moved: list[str],
+        had: frozenset[str],
+        todo: list[tuple[str, int, str]],
+        entries: list[Entry] | None,
+    ) -> None:
+        """This worker has handled everything the old one had: write what the move skipped,
+        in the order this worker handled it - publications of the channels in ``moved``,
+        join/leave pushes of its join/leave subscriptions, the API's commands for this
+        session - then go live: hub entries active, user index, :meth:`_resync` of the
+        channels with a position, frames the client sent meanwhile. ``entries`` None: the
+        relay log cannot tell what was skipped (3010: the SDK reconnects and resubscribes)."""
+        busy, self._busy = self._busy, None
+        frames = busy.pending if busy is not None else []
+        if self._flags & _CLOSED:
+            return
+        if entries is None:
+            self.disconnect(DISCONNECT_INSUFFICIENT_STATE)
+            return
+        try:
+            self._go_live(relay, moved, had, todo, entries, frames)
+        except Exception:  # (called from the relay log too: never into its other sessions)
+            log.exception("resuming a moved session failed: disconnecting it")
+            self.disconnect(DISCONNECT_SERVER_ERROR)
+
+    def _go_live(
+        self,
+        relay: RelayLog,
+        moved: list[str],
+        had: frozenset[str],
+        todo: list[tuple[str, int, str]],
+        entries: list[Entry],
+        frames: list[bytes],
+    ) -> None:
+        if entries:
+            self._replay(relay, entries, moved, had)
+            if self._flags & _CLOSED:
+                return
+        hub = self._node.hub
+        for channel in had:
+            state = self._sub_state(channel)
+            if state is None:
+                continue  # an API unsubscribe of the window
+            jl = bool(_sub_flags(state) & SUB_JOIN_LEAVE)
+            if channel in moved:
+                hub.activate(channel, self, jl)  # (what it buffered meanwhile was replayed)
+            elif jl:
+                hub.add_join_leave(channel, self)  # _resync's activation does the rest
+        hub.add_session(self)
+        todo = [t for t in todo if self._sub_state(t[0]) is not None]
+        if todo:
+            self._start_resync(todo)
+        for data in frames:  # in order: behind _resync's task if it started one
+            self.handle_commands(data)
+
+    def _replay(self, relay: RelayLog, entries: list[Entry], moved: list[str],
+                had: frozenset[str]) -> None:
+        codec = self.codec
+        node = self._node
+        n = 0
+        try:
+            for _origin, _stamp, kind, key, obj, _t, _size in entries:
+                if kind == CMD:  # obj: (user, client, *args)
+                    fn = relay.commands.get(key)
+                    if fn is None or obj[0] != self._user or obj[1] not in ("", self._client):
+                        continue
+                    n += 1
+                    try:
+                        res = fn(self, *obj[2:])
+                        if iscoroutine(res):
+                            drive(res, node.inline)
+                    except Exception:
+                        log.exception("API command %s on a session that moved failed", key)
+                    if self._flags & _CLOSED:
+                        break
+                    continue
+                if key not in had:
+                    continue
+                state = self._sub_state(key)
+                if state is None:
+                    continue
+                if kind == PUB:
+                    if key in moved:
+                        self.transport.write(codec.encode_publication(key, obj))
+                        n += 1
+                elif _sub_flags(state) & SUB_JOIN_LEAVE:
+                    enc = codec.encode_join if kind == JOIN else codec.encode_leave
+                    self.transport.write(enc(key, obj))
+                    n += 1
+        except NotJSON:
+            self.disconnect(DISCONNECT_INAPPROPRIATE_PROTOCOL)
+        finally:
+            relay.replayed += n
 
     def _start_resync(self, todo: list[tuple[str, int, str]]) -> None:
         """Run :meth:`_resync` synchronously while the broker answers inline, in the session's
@@ -589,6 +705,8 @@ class ClientSession:
         for channel, offset, epoch in todo:
             if self._flags & _CLOSED:
                 return
+            if self._sub_state(channel) is None:
+                continue  # unsubscribed meanwhile (the server API): nothing to catch up
             opts = cfg.channel_options(channel)
             if opts is None:
                 self.disconnect(DISCONNECT_INSUFFICIENT_STATE)
@@ -618,6 +736,8 @@ class ClientSession:
                 return
             if self._flags & _CLOSED:
                 return
+            if self._sub_state(channel) is None:
+                continue
             if not rr.recovered:
                 self.disconnect(DISCONNECT_INSUFFICIENT_STATE)
                 return

@@ -45,6 +45,8 @@ def build(
     tcp_app = TcpApp(node, max_message_bytes)
     for name, fn in http_api.LOCAL_SERVICES.items():
         broker.register_service(name, functools.partial(fn, node))
+    for name, fn in http_api.SESSION_COMMANDS.items():
+        broker.register_session_command(name, fn)
     broker.register_service("api_info", lambda: http_api.api_info(node, ws_app.sessions()))
 
     last_prune = [0.0]

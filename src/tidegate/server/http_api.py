@@ -4,7 +4,9 @@ Request and response shapes are Centrifugo's (v5), so the ``cent`` client works 
 ``{"result": {...}}`` on success, ``{"error": {"code": N, "message": "..."}}`` for an API
 error (HTTP 200), HTTP 401 for a missing or wrong key, 400 for a body that is not JSON.
 Actions on users' connections (subscribe, unsubscribe, disconnect) and node-wide counts run on
-every worker of the node.
+every worker of the node. The actions are session commands (``SESSION_COMMANDS``): the
+embedded broker relays them in order with the publications, so a session that moves between
+workers meanwhile gets them on arrival (cluster/ipc_broker.py, gateway/relaylog.py).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import hmac
 import inspect
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any
 
 from tidegate import __version__, log
 from tidegate.gateway import codes
@@ -24,8 +26,11 @@ from tidegate.gateway.codec_json import json_value
 from tidegate.gateway.codes import Disconnect, ReplyError
 from tidegate.gateway.history import Unrecoverable
 from tidegate.gateway.messages import ClientInfo, Publication
-from tidegate.gateway.node import Node
+from tidegate.gateway.node import Node, Resume
 from tidegate.observe.tracing import PUBLISH_TRACEPARENT, TRACING
+
+if TYPE_CHECKING:
+    from tidegate.gateway.session import ClientSession
 
 _log = log.get("api")
 CallAll = Callable[..., Awaitable[list[Any]]]
@@ -242,12 +247,12 @@ class HttpApi:
     async def subscribe(self, params: dict[str, Any]) -> dict[str, Any]:
         user, channel = self._str(params, "user"), self._str(params, "channel")
         self._options(channel)
-        await self._everywhere("api_subscribe", user, channel, params.get("client") or "")
+        await self._everywhere("api_subscribe", user, params.get("client") or "", channel)
         return {}
 
     async def unsubscribe(self, params: dict[str, Any]) -> dict[str, Any]:
         user, channel = self._str(params, "user"), self._str(params, "channel")
-        await self._everywhere("api_unsubscribe", user, channel, params.get("client") or "")
+        await self._everywhere("api_unsubscribe", user, params.get("client") or "", channel)
         return {}
 
     async def disconnect(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -350,36 +355,61 @@ def _span_attrs(params: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- what each worker does for the node-wide API calls ------------------------------------
+# Session commands take (user, client, *args) and act on this worker's sessions of that user
+# (of that client only, if given); each has a per-session form, which a session that moved
+# between workers meanwhile gets on arrival (SESSION_COMMANDS). Applying one twice to a
+# session changes nothing: it is disconnected, unsubscribed or subscribed already.
 def _sessions(node: Node, user: str, client: str) -> list[Any]:
     out = node.hub.user_sessions(user)
     return [s for s in out if not client or s.client_id == client]
 
 
-def api_unsubscribe(node: Node, user: str, channel: str, client: str) -> int:
-    return sum(bool(s.unsubscribe(channel)) for s in _sessions(node, user, client))
+def unsubscribe_session(s: ClientSession, channel: str) -> int:
+    return int(s.unsubscribe(channel))
+
+
+def disconnect_session(s: ClientSession, code: int, reason: str, whitelist: list[str]) -> int:
+    if s.client_id in whitelist:
+        return 0
+    s.disconnect(Disconnect(code, reason))
+    return 1
+
+
+def subscribe_session(s: ClientSession, channel: str) -> Coroutine[Any, Any, bool]:
+    return s.server_subscribe(channel)
+
+
+def api_unsubscribe(node: Node, user: str, client: str, channel: str) -> int:
+    return sum(unsubscribe_session(s, channel) for s in _sessions(node, user, client))
 
 
 def api_disconnect(node: Node, user: str, client: str, code: int, reason: str,
                    whitelist: list[str]) -> int:
-    n = 0
-    for s in _sessions(node, user, client):
-        if s.client_id not in whitelist:
-            s.disconnect(Disconnect(code, reason))
-            n += 1
-    return n
+    return sum(disconnect_session(s, code, reason, whitelist)
+               for s in _sessions(node, user, client))
 
 
-def api_subscribe(node: Node, user: str, channel: str, client: str) -> Any:
-    sessions = _sessions(node, user, client)
+def api_subscribe(node: Node, user: str, client: str, channel: str) -> Awaitable[int]:
+    # Each session's subscribe starts now, up to its first wait: it is registered (pending)
+    # at the moment this worker handles the command, so it cannot move out unsubscribed.
+    started = [_start(subscribe_session(s, channel)) for s in _sessions(node, user, client)]
 
     async def run() -> int:
         n = 0
-        for s in sessions:
-            if await s.server_subscribe(channel):
-                n += 1
+        for first in started:
+            n += bool(await first if isinstance(first, Resume) else first)
         return n
 
     return run()
+
+
+def _start(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` up to its first suspension: its result, or a Resume to await the rest."""
+    try:
+        first = coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    return Resume(coro, first)
 
 
 def api_channels(node: Node) -> dict[str, int]:
@@ -401,4 +431,9 @@ LOCAL_SERVICES: dict[str, Callable[..., Any]] = {
     "api_unsubscribe": api_unsubscribe,
     "api_disconnect": api_disconnect,
     "api_channels": api_channels,
+}
+SESSION_COMMANDS: dict[str, Callable[..., Any]] = {
+    "api_subscribe": subscribe_session,
+    "api_unsubscribe": unsubscribe_session,
+    "api_disconnect": disconnect_session,
 }
