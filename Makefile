@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench bench-500k clean system-deps
+.PHONY: run test lint typecheck bench bench-500k bench-ws-500k clean system-deps
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY)"; exit 1; }
@@ -33,6 +33,12 @@ bench: $(STAMP)
 bench-500k: $(STAMP)
 	$(BIN)/python -m tidegate bench --connections 500000 --hold 60 --server-ping-interval 35 \
 		--max-inflight 80 --connect-phase-timeout 480 --json bench/results/$$(date +%F)-raw-500k.json
+
+bench-ws-500k: $(STAMP)
+	$(BIN)/python -m tidegate bench --protocol ws --server-config bench/configs/ws-broadcast.toml \
+		--connections 500000 --hold 60 --ping-interval 300 --server-ping-interval 300 \
+		--max-inflight 80 --connect-retries 2 --connect-phase-timeout 900 \
+		--json bench/results/$$(date +%F)-ws-500k.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -575,3 +575,37 @@ def test_bench_client_pids_finds_the_clients_of_one_port() -> None:
         for proc in (ours, other):
             proc.kill()
             proc.wait()
+
+
+def test_asyncio_client_tries_a_refused_connect_again() -> None:
+    """--connect-retries with the asyncio client (the one --protocol ws uses): a real listener
+    refuses the first attempt and answers the second's hello; one connection, one retry."""
+    from tidegate.bench.client import ClientConfig, ClientProcess
+
+    async def main() -> None:
+        accepted: list[int] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(1)
+            if len(accepted) == 1:
+                writer.transport.abort()  # a worker at capacity
+                return
+            hello = await reader.readexactly(13)
+            writer.write((9).to_bytes(4, "big") + bytes((PONG,)) + hello[5:])
+            await writer.drain()
+            await asyncio.sleep(5)
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        config = ClientConfig(index=0, host="127.0.0.1", port=port, sources=["127.0.0.2"],
+                              connections=1, connect_retries=1, loop="asyncio")
+        proc = ClientProcess(config)
+        proc.attempt_started = [0]
+        proc.tasks = [None]  # type: ignore[list-item]
+        await asyncio.wait_for(proc._connect_worker(0), 10)
+        assert proc.stats.established == 1 and proc.stats.attempted == 2
+        assert proc.stats.retried == {"ECONNRESET": 1}
+        assert proc.stats.failed == 0 and not proc.stats.errors
+        server.close()
+
+    asyncio.run(main())

@@ -186,6 +186,34 @@ def test_nobody_listening_and_timeouts_are_failed_connects(listener: socket.sock
     silent.close()
 
 
+def test_a_refused_connect_is_tried_again_and_counts_once_established(
+        listener: socket.socket) -> None:
+    """--connect-retries: the server refuses the first attempt (a worker at capacity) and
+    answers the second; the connection is established, the refusal is a retry, not an error."""
+    client = make_client(listener, connect_retries=1)
+    client._connect()
+    server, _ = listener.accept()
+    server.close()
+    poll_until(client, lambda: bool(client.retry))
+    assert client.retry == [(0, 1)] and client.stats.retried == {"ECONNRESET": 1}
+    assert client.stats.failed == 0 and not client.stats.errors
+    establish(client, listener)  # the next _connect takes the retry: the same connection
+    assert client.stats.established == 1 and client.stats.attempted == 2
+    assert client.next_index == 1 and not client.retry
+
+
+def test_a_connect_fails_once_its_retries_are_used_up(listener: socket.socket) -> None:
+    client = make_client(listener, connect_retries=2, connect_timeout_s=0.1)
+    for _attempt in range(3):
+        client._connect()
+        silent, _ = listener.accept()
+        client._watchdog(time.monotonic_ns() + 1_000_000_000)
+        silent.close()
+    assert client.stats.retried == {"timeout": 2}
+    assert client.stats.failed == 1 and client.stats.errors == {"timeout": 1}
+    assert not client.retry and not client.pending and client.stats.attempted == 3
+
+
 def test_closing_at_the_end_is_expected(listener: socket.socket) -> None:
     client = make_client(listener, connections=3)
     pairs = establish(client, listener, 3)

@@ -20,7 +20,7 @@ KEYS = {
 }
 LIMIT_NAMES = {
     "nofile", "nr_open", "file-max", "memory", "tcp_mem", "max_map_count", "somaxconn",
-    "ip_local_port_range",
+    "ip_local_port_range", "netdev_max_backlog",
 }
 
 
@@ -34,6 +34,7 @@ def write_proc(
     tcp_mem: tuple[int, int, int] = (1_000_000, 2_000_000, 3_000_000),
     mem_available_kb: int = 64 * 1024 * 1024,
     max_map_count: int = 65530,
+    netdev_max_backlog: int = 1000,
 ) -> Path:
     """A host's /proc, as the files doctor reads."""
     files = {
@@ -49,6 +50,7 @@ def write_proc(
         f"MemFree:        {mem_available_kb // 2} kB\n"
         f"MemAvailable:   {mem_available_kb} kB\n",
         "proc/sys/vm/max_map_count": f"{max_map_count}\n",
+        "proc/sys/net/core/netdev_max_backlog": f"{netdev_max_backlog}\n",
     }
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -169,12 +171,13 @@ def test_warnings_do_not_cap_held_connections(tmp_path: Path) -> None:
     root = write_proc(tmp_path, somaxconn=128, ports=(60000, 60999))
     report = doctor.assess(doctor.read_host(root), 500_000)
     assert report.fits
-    for name in ("somaxconn", "ip_local_port_range", "nr_open"):
+    for name in ("somaxconn", "ip_local_port_range", "nr_open", "netdev_max_backlog"):
         assert row(report, name).allows is None and not row(report, name).binding
     ports = row(report, "ip_local_port_range")
     assert "1,000 connections per client source address" in ports.note
     assert "500 source addresses" in ports.note and "ip_local_port_range=" in ports.fix
     assert "net.core.somaxconn=65535" in row(report, "somaxconn").fix
+    assert "net.core.netdev_max_backlog=65536" in row(report, "netdev_max_backlog").fix
 
 
 def test_nofile_below_reserve_serves_nothing(tmp_path: Path) -> None:

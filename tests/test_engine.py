@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import socket
@@ -254,6 +255,46 @@ def test_keepalive_is_set_on_accepted_sockets(serve):
     out = subprocess.run(["ss", "-tnoH", "state", "established", f"( sport = :{srv.port} )"],
                          capture_output=True, text=True, check=True).stdout
     assert "keepalive" in out, out  # the kernel's keepalive timer runs on the server side
+
+
+def _keepalive_timer_s(port: int) -> float:
+    """The server-side keepalive timer of the one connection to ``port``, from ``ss -o``."""
+    out = subprocess.run(["ss", "-tnoH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    m = re.search(r"timer:\(keepalive,(?:(\d+)min)?(?:([\d.]+)sec)?(?:([\d.]+)ms)?", out)
+    assert m, out
+    minutes, secs, ms = (float(g) if g else 0.0 for g in m.groups())
+    return minutes * 60 + secs + ms / 1000
+
+
+def test_keepalive_never_probes_inside_a_long_heartbeat(serve):
+    """With a 300 s heartbeat, the kernel's first probe comes only after the heartbeat's window
+    (300 + 10 s, plus ticks): a client answering heartbeats is never probed (probes come in
+    bursts the input backlog can drop, aborting live connections)."""
+    srv = serve("--workers", "1", "--ping-interval-s", "300", "--pong-timeout-s", "10")
+    s = connect(srv.port)
+    assert echo_ok(s)
+    assert _keepalive_timer_s(srv.port) > 310
+
+
+def test_keepalive_as_configured_when_the_heartbeat_is_shorter(serve):
+    srv = serve("--workers", "1", "--tcp-keepalive-idle-s", "77")
+    s = connect(srv.port)
+    assert echo_ok(s)
+    assert 60 < _keepalive_timer_s(srv.port) <= 77
+
+
+def test_user_timeout_never_cuts_the_keepalive_probes_short():
+    from tidegate.engine.netopt import keepalive_for
+    from tidegate.engine.options import EngineOptions
+
+    default = keepalive_for(EngineOptions())
+    assert (default.idle_s, default.user_timeout_ms, default.raised) == (60, 120_000, False)
+    long = keepalive_for(EngineOptions(ping_interval_s=300, pong_timeout_s=10))
+    assert long.raised and long.idle_s >= 311
+    assert long.user_timeout_ms >= (long.idle_s + long.interval_s * long.count) * 1000
+    off = keepalive_for(EngineOptions(tcp_user_timeout_ms=0))
+    assert off.user_timeout_ms == 0  # not set stays not set
 
 
 def test_sigterm_stops_everything_cleanly(serve):

@@ -55,6 +55,7 @@ class Host:
     max_map_count: int
     cores: int
     page_size: int
+    netdev_max_backlog: int = 1000  # the kernel's default
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,8 @@ def read_host(root: str | Path = "/", cores: int | None = None) -> Host:
         max_map_count=_ints(root, "proc/sys/vm/max_map_count")[0],
         cores=cores or os.cpu_count() or 1,
         page_size=resource.getpagesize(),
+        netdev_max_backlog=_ints(root, "proc/sys/net/core/netdev_max_backlog")[0]
+        if (root / "proc/sys/net/core/netdev_max_backlog").exists() else 1000,
     )
 
 
@@ -182,6 +185,14 @@ def assess(host: Host, requested: int) -> Report:
               f"sysctl -w net.core.somaxconn={_raise_to(host.somaxconn, 65535)}",
               f"warning: accept backlog per listener ({host.somaxconn:,} per worker); caps "
               "connect bursts, not held connections"),
+        Limit("netdev_max_backlog", str(host.netdev_max_backlog), None, None, False,
+              f"sysctl -w net.core.netdev_max_backlog="
+              f"{_raise_to(host.netdev_max_backlog, 65536)}",
+              "warning: packets queued at once per CPU on the input backlog that loopback "
+              "and veth (container) traffic goes through; kernel keepalive probes of "
+              "connections opened together fire in one timer batch, and past this they are "
+              "dropped and the live connection aborted. tidegate starts keepalive past the "
+              "heartbeat so clients that answer it are never probed"),
         Limit("ip_local_port_range", f"{host.port_range[0]}-{host.port_range[1]}", None, None,
               False,
               'more client source addresses (127.0.0.2, ...) or sysctl -w '

@@ -91,6 +91,9 @@ class ClientConfig:
     ping_interval_s: float = 25.0
     pong_timeout_s: float = 10.0
     connect_timeout_s: float = 15.0
+    # A connect that fails (times out, is refused...) is tried again this many times before it
+    # counts as failed, as an SDK reconnects; each retry is counted by its reason.
+    connect_retries: int = 0
     close_mode: str = "rst"  # "rst": SO_LINGER 0 (no TIME_WAIT); "fin": orderly shutdown
     # A first ping ("hello") sent as soon as the TCP connect completes: its PONG says the
     # server's app holds the connection (counted as confirmed), and the server sees the client
@@ -132,6 +135,7 @@ class Stats:
         "unexpected_closes",
         "unexpected_close_reasons",
         "errors",
+        "retried",
         "pings_sent",
         "pongs",
         "missed",
@@ -163,6 +167,7 @@ class Stats:
         self.unexpected_closes = 0
         self.unexpected_close_reasons: dict[str, int] = {}
         self.errors: dict[str, int] = {}
+        self.retried: dict[str, int] = {}  # connect attempts tried again, by why they failed
         self.pings_sent = 0
         self.pongs = 0
         self.missed = 0
@@ -192,6 +197,16 @@ class Stats:
 
     def error(self, reason: str) -> None:
         self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def connect_failed(self, reason: str, tries: int, retries: int) -> bool:
+        """An attempt failed for ``reason`` after ``tries`` earlier ones: True if it is to be
+        tried again (counted in ``retried``), else it counts as a failed connect."""
+        if tries < retries:
+            self.retried[reason] = self.retried.get(reason, 0) + 1
+            return True
+        self.failed += 1
+        self.error(reason)
+        return False
 
     def pong(self, sent_ns: int, now_ns: int = 0) -> None:
         """The answer to our ping sent at ``sent_ns`` (received at ``now_ns``, default now):
@@ -1102,6 +1117,19 @@ class ClientProcess:
 
     async def _connect_one(self, index: int, slot: int, task: asyncio.Task[None]) -> None:
         cfg = self.config
+        tries = 0
+        while True:
+            reason = await self._attempt(index, slot, task)
+            if reason is None:
+                return
+            halted = self.control.halt.is_set()
+            if not self.stats.connect_failed(reason, tries, 0 if halted else cfg.connect_retries):
+                return
+            tries += 1
+
+    async def _attempt(self, index: int, slot: int, task: asyncio.Task[None]) -> str | None:
+        """One connect attempt: None when it is established, else why it failed."""
+        cfg = self.config
         stats = self.stats
         source = cfg.sources[index * len(cfg.sources) // cfg.connections]
         stats.attempted += 1
@@ -1113,19 +1141,13 @@ class ClientProcess:
             if not self.timed_out.pop(slot, False):
                 raise
             task.uncancel()  # the watchdog's cancel: this attempt timed out, the worker goes on
-            stats.failed += 1
-            stats.error("timeout")
-            return
+            return "timeout"
         except OSError as exc:
-            stats.failed += 1
-            stats.error(error_reason(exc))
-            return
+            return error_reason(exc)
         finally:
             self.attempt_started[slot] = 0
         if conn.state != PENDING:  # lost between the driver's open and now
-            stats.failed += 1
-            stats.error("closed_while_connecting")
-            return
+            return "closed_while_connecting"
         conn.state = OPEN
         stats.open += 1
         now = time.monotonic_ns()
@@ -1137,6 +1159,7 @@ class ClientProcess:
         if self.control.close.is_set():
             conn.close()  # established after the end was called: do not keep it
         self.wheel.add(conn)
+        return None
 
     async def _connect_worker(self, slot: int) -> None:
         n = self.config.connections
@@ -1254,6 +1277,7 @@ def final_fields(stats: Stats, cfg: ClientConfig, *, reason: str, held: int, hel
         "unexpected_during_hold": unexpected_during_hold,
         "unexpected_close_reasons": stats.unexpected_close_reasons,
         "errors": stats.errors,
+        "connect_retried": stats.retried,
         "late_pongs": stats.late_pongs,
         "data_frames": stats.data_frames,
         "protocol_errors": stats.protocol_errors,

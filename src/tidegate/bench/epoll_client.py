@@ -76,6 +76,9 @@ class EpollRawClient:
         self.sent = [0] * size  # token (send time, ns) of the unanswered ping; 0: none
         self.hello = [0] * size  # token of the unanswered hello; 0: none
         self.started = [0] * size  # when the connect started (ns)
+        self.index_of = [0] * size  # which of this process's connections the fd is for
+        self.tries = bytearray(size)  # earlier failed attempts of that connection
+        self.retry: list[tuple[int, int]] = []  # (index, tries) to connect again
         self.rbuf: dict[int, bytes] = {}  # the bytes of an incomplete frame, by fd
         self.pending: set[int] = set()  # fds in CONNECTING or HELLO: the connect window
         self.top = 0  # one past the highest fd ever used: the wheel scans below it
@@ -106,15 +109,17 @@ class EpollRawClient:
     def _connect(self) -> None:
         cfg = self.cfg
         stats = self.stats
-        index = self.next_index
-        self.next_index = index + 1
+        if self.retry:
+            index, tries = self.retry.pop()
+        else:
+            index, tries = self.next_index, 0
+            self.next_index = index + 1
         stats.attempted += 1
         source = cfg.sources[index * len(cfg.sources) // cfg.connections]
         try:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:
-            stats.failed += 1
-            stats.error(error_reason(exc))
+            self._failed(index, tries, error_reason(exc))
             return
         fd = s.fileno()
         try:
@@ -124,9 +129,10 @@ class EpollRawClient:
                 raise OSError(err, os.strerror(err))
         except OSError as exc:
             s.close()
-            stats.failed += 1
-            stats.error(error_reason(exc))
+            self._failed(index, tries, error_reason(exc))
             return
+        self.index_of[fd] = index
+        self.tries[fd] = min(tries, 255)
         self.socks[fd] = s
         self.started[fd] = now = time.monotonic_ns()
         if fd >= self.top:
@@ -192,11 +198,15 @@ class EpollRawClient:
             self._close(fd)  # established after the end was called: do not keep it
 
     def _fail(self, fd: int, reason: str) -> None:
-        """A connect that did not make it (counted as failed, never as open)."""
-        self.stats.failed += 1
-        self.stats.error(reason)
+        """A connect that did not make it (tried again or counted as failed, never as open)."""
+        self._failed(self.index_of[fd], self.tries[fd], reason)
         self.pending.discard(fd)
         self._release(fd, rst=True)
+
+    def _failed(self, index: int, tries: int, reason: str) -> None:
+        retries = 0 if self.control.halt.is_set() else self.cfg.connect_retries
+        if self.stats.connect_failed(reason, tries, retries):
+            self.retry.append((index, tries + 1))
 
     def _release(self, fd: int, rst: bool) -> None:
         s = self.socks[fd]
@@ -406,10 +416,11 @@ class EpollRawClient:
                 # At most a window's worth per turn, so that replies are read in between even
                 # when connects do not wait for them (--established-on tcp).
                 launch = 0 if control.halt.is_set() else min(
-                    n - self.next_index, window - len(self.pending))
+                    n - self.next_index + len(self.retry), window - len(self.pending))
                 for _ in range(launch):
                     self._connect()
-                if (control.halt.is_set() or self.next_index >= n) and not self.pending:
+                if (control.halt.is_set() or (self.next_index >= n and not self.retry)) \
+                        and not self.pending:
                     self._connected_now()
             if now >= self.wheel.next_ns:
                 self._tick(now)

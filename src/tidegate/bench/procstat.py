@@ -188,23 +188,46 @@ def tcp_sockstat() -> dict[str, int]:
 
 
 def tcp_ext() -> dict[str, int]:
-    """The ``TcpExt`` counters of /proc/net/netstat (``ListenOverflows``, ``ListenDrops``...)."""
+    """The ``TcpExt`` counters of /proc/net/netstat (``ListenOverflows``, ``ListenDrops``...),
+    plus ``SoftnetDropped`` (:func:`softnet_dropped`)."""
     text = _read_text("/proc/net/netstat") or ""
     lines = text.splitlines()
+    out: dict[str, int] = {}
     for names, values in zip(lines, lines[1:], strict=False):
         if names.startswith("TcpExt:") and values.startswith("TcpExt:"):
-            out: dict[str, int] = {}
             for name, value in zip(names.split()[1:], values.split()[1:], strict=False):
                 try:
                     out[name] = int(value)
                 except ValueError:
                     pass
-            return out
-    return {}
+            break
+    dropped = softnet_dropped()
+    if dropped is not None:
+        out["SoftnetDropped"] = dropped
+    return out
 
 
+def softnet_dropped() -> int | None:
+    """Packets the per-CPU input backlog dropped (/proc/net/softnet_stat, 2nd column, summed):
+    loopback (and veth) traffic goes through it, and past ``net.core.netdev_max_backlog``
+    packets queued at once - a burst of keepalive probes from timers that expire together -
+    are lost before TCP sees them."""
+    text = _read_text("/proc/net/softnet_stat")
+    if text is None:
+        return None
+    try:
+        return sum(int(line.split()[1], 16) for line in text.splitlines() if line.strip())
+    except (IndexError, ValueError):
+        return None
+
+
+# Accept-queue overflows; aborts (TCPAbortOnTimeout: keepalive or TCP_USER_TIMEOUT gave up on
+# a peer, which on loopback means its probes were lost); keepalive probes sent; TCP memory
+# pressure (tcp_mem); input backlog drops.
 TCP_EXT_WATCHED = ("ListenOverflows", "ListenDrops", "SyncookiesSent", "TCPReqQFullDrop",
-                   "TCPAbortOnData", "TCPAbortOnClose", "TCPTimeWaitOverflow")
+                   "TCPAbortOnData", "TCPAbortOnClose", "TCPTimeWaitOverflow",
+                   "TCPAbortOnTimeout", "TCPKeepAlive", "TCPMemoryPressures",
+                   "TCPMemoryPressuresChrono", "SoftnetDropped")
 
 
 def tcp_ext_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

@@ -184,6 +184,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="connects in flight per client process (default: 500)")
     g.add_argument("--connect-timeout", type=_positive_float, default=15.0, metavar="SECONDS",
                    help="timeout of one connect (default: 15)")
+    g.add_argument("--connect-retries", type=int, default=0, metavar="N",
+                   help="try a failed connect again up to N times, as an SDK reconnects; "
+                        "retries are reported by reason, only the last failure is an error "
+                        "(default: 0)")
     g.add_argument("--connect-phase-timeout", type=_positive_float, metavar="SECONDS",
                    help="timeout of the whole connect phase (default: max(60, N/2000); ws: "
                    "max(60, N/250): each connect is an upgrade, a token check and a subscribe)")
@@ -662,6 +666,22 @@ def default_server_config() -> str | None:
     return os.path.normpath(path) if os.path.isfile(path) else None
 
 
+def host_notes(counters: dict[str, int]) -> list[str]:
+    """What the machine-wide kernel counters say about the host during a run (not a failure
+    of the server, but often the cause of one)."""
+    notes = []
+    if counters.get("SoftnetDropped", 0) > 0:
+        notes.append(f"{counters['SoftnetDropped']} packets dropped by the input backlog "
+                     "(net.core.netdev_max_backlog; see `tidegate doctor`)")
+    if counters.get("TCPAbortOnTimeout", 0) > 0:
+        notes.append(f"{counters['TCPAbortOnTimeout']} connections aborted by keepalive / "
+                     "TCP_USER_TIMEOUT (on loopback: their probes were lost)")
+    if counters.get("TCPMemoryPressures", 0) > 0:
+        notes.append(f"TCP memory pressure (tcp_mem) for "
+                     f"{counters.get('TCPMemoryPressuresChrono', 0) / 1000:.1f} s")
+    return notes
+
+
 class Progress:
     """A tqdm bar on stderr, or nothing with --no-progress."""
 
@@ -741,6 +761,7 @@ class Bench:
                 "nofile_hard": nofile[1],
                 "ip_local_port_range": list(procstat.ip_local_port_range()),
                 "somaxconn": _read_int("/proc/sys/net/core/somaxconn"),
+                "netdev_max_backlog": _read_int("/proc/sys/net/core/netdev_max_backlog"),
             },
             "protocol": a.protocol,
             "connections_target": a.connections,
@@ -748,6 +769,8 @@ class Bench:
             "connections_per_client": [p.connections for p in plans],
             "source_addresses": [s for p in plans for s in p.sources],
             "max_inflight_per_client": a.max_inflight,
+            "connect_timeout_s": a.connect_timeout,
+            "connect_retries_per_connection": a.connect_retries,
             "ping_interval_s": a.ping_interval,
             "pong_timeout_s": a.pong_timeout,
             "close_mode": a.close_mode,
@@ -874,6 +897,7 @@ class Bench:
                 tick_phase=plan.index / len(plans),
                 max_inflight=a.max_inflight, ping_interval_s=a.ping_interval,
                 pong_timeout_s=a.pong_timeout, connect_timeout_s=a.connect_timeout,
+                connect_retries=max(0, a.connect_retries),
                 close_mode=a.close_mode, hello=a.hello, established_on=a.established_on,
                 lifetime_s=lifetime_s, loop=self.client_loop, channel=a.channel,
                 broadcast_count=a.broadcast_count if self.broadcast_on else 0)
@@ -1520,6 +1544,7 @@ class Bench:
         hello = Histogram()
         errors: dict[str, int] = {}
         reasons: dict[str, int] = {}
+        retried: dict[str, int] = {}
         for f in finals:
             rtt_connect_phase.merge(Histogram.from_dict(f["rtt_connect_phase_us"]))
             rtt_hold.merge(Histogram.from_dict(f["rtt_hold_us"]))
@@ -1529,6 +1554,8 @@ class Bench:
                 errors[k] = errors.get(k, 0) + int(v)
             for k, v in f.get("unexpected_close_reasons", {}).items():
                 reasons[k] = reasons.get(k, 0) + int(v)
+            for k, v in f.get("connect_retried", {}).items():
+                retried[k] = retried.get(k, 0) + int(v)
         for c in self.clients:
             if c.final is None:
                 errors["client_process_lost"] = errors.get("client_process_lost", 0) + 1
@@ -1547,6 +1574,8 @@ class Bench:
         r["connect_failures"] = total("failed")
         r["errors_total"] = sum(errors.values())
         r["errors"] = errors
+        r["connect_retries_total"] = sum(retried.values())
+        r["connect_retries"] = retried
         # heartbeat_rtt_ms_p50/p99 are the hold phase's: every connection up, the steady state
         # a gateway lives in. Pings also run while connecting (a connection is held from the
         # moment it is up); those samples, taken with every loop busy with connects, are
@@ -1788,6 +1817,8 @@ class Bench:
                  f"({r.get('server_cpu_us_per_delivery_net_of_baseline')})")
         for failure in r.get("failures") or []:
             print(f"  ! {failure}", file=out)
+        for note in host_notes(r.get("kernel_tcp_counters_whole_run") or {}):
+            print(f"  ~ host: {note}", file=out)
         if r.get("logs_dir"):
             print(f"  logs: {r['logs_dir']}", file=out)
         if self.args.json:

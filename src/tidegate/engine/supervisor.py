@@ -29,7 +29,7 @@ from tidegate.engine.limits import (
     raise_nofile,
     workers_for,
 )
-from tidegate.engine.netopt import listening_socket
+from tidegate.engine.netopt import keepalive_for, listening_socket
 from tidegate.engine.options import EngineOptions
 
 _log = log.get("supervisor")
@@ -53,10 +53,11 @@ class WorkerSlot:
     outbox: collections.deque[bytes] = field(default_factory=collections.deque)
 
     def load(self) -> int:
-        """Connections it holds, those waiting in its accept queue, and sockets handed to it
-        that it has not reported yet."""
+        """Connections it holds, those waiting in its accept queue, sockets stolen that it is
+        still adopting, and sockets handed to it that it has not reported yet."""
         in_flight = self.handoff_sent - int(self.stats.get("handoff_received", 0))
-        held = int(self.stats.get("active", 0)) + int(self.stats.get("accept_queue", 0))
+        held = (int(self.stats.get("active", 0)) + int(self.stats.get("accept_queue", 0))
+                + int(self.stats.get("adopting", 0)))
         return held + max(0, in_flight)
 
 
@@ -130,6 +131,14 @@ class Supervisor:
                 "connections_target": self.opts.connections_target,
             },
         )
+        ka = keepalive_for(self.opts)
+        if ka.raised:
+            _log.info("L1 keepalive starts past the heartbeat's window", extra={
+                "tcp_keepalive_idle_s": ka.idle_s, "tcp_user_timeout_ms": ka.user_timeout_ms,
+                "ping_interval_s": self.opts.ping_interval_s,
+                "why": "kernel probes to clients that answer heartbeats come in timer-wheel "
+                       "bursts the input backlog can drop, and a dropped probe aborts a live "
+                       "connection"})
         self.slots = [WorkerSlot(i) for i in range(n)]
         for slot in self.slots:
             self._spawn(slot)

@@ -109,6 +109,7 @@ class Worker:
         self._per_ip: dict[str, int] = {}
         self._conn_ip: dict[Conn, str] = {}
         self.handoff_received = 0
+        self.ctrl_yields = 0  # turns on which the control channel's reader used up its slice
         self.pings_sent = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -389,6 +390,7 @@ class Worker:
             "refused": self.refused_total,
             "refusals": dict(self.refusals),
             "handoff_received": self.handoff_received,
+            "ctrl_yields": self.ctrl_yields,
             "drain_late": self.drain_late,
             "pings_sent": self.pings_sent,
             "closes": dict(self.closes),
@@ -431,9 +433,19 @@ class Worker:
         self.stats_cpu_s += time.thread_time() - t
 
     # ---- the handoff channel ---------------------------------------------------------
-    def _on_ctrl(self) -> None:
+    def _on_ctrl(self, budget_s: float | None = -1.0) -> None:
+        """Handle what the supervisor sent. As the loop's reader, at most one ``slice_ms`` of
+        it per turn: a burst (every worker's presence calls to a hot channel's owner, a relay
+        storm) must not stall this worker's heartbeats and accepts; the reader is level-
+        triggered, so the rest is read on the next turn. ``budget_s=None``: read everything."""
         assert self.ctrl is not None
+        if budget_s is not None and budget_s < 0:
+            budget_s = self.opts.slice_ms / 1000.0
+        deadline = time.monotonic() + budget_s if budget_s is not None else None
         while True:
+            if deadline is not None and time.monotonic() > deadline:
+                self.ctrl_yields += 1
+                return
             try:
                 msg = control.recv(self.ctrl)
             except BlockingIOError:
@@ -619,7 +631,7 @@ class Worker:
         # before the supervisor died, when we drain without it.
         self.stealer.freeze()
         if self.ctrl is not None:
-            self._on_ctrl()
+            self._on_ctrl(budget_s=None)
         settle_by = self.loop.time() + ADOPT_WAIT_S
         while self.stealer.adopting and self.loop.time() < settle_by:
             await asyncio.sleep(0.005)
