@@ -68,6 +68,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tidegate.bench import procstat  # noqa: E402
 from tidegate.bench.runner import default_server_config  # noqa: E402
+from tidegate.bench.wsprobe import WsProbe  # noqa: E402
 from tidegate.gateway.auth import encode_hs256  # noqa: E402
 from tidegate.gateway.config import load_config  # noqa: E402
 
@@ -376,50 +377,24 @@ def _machine(m0: tuple[int, int], m1: tuple[int, int], window: float,
 # ---------------------------------------------------------------------- the gateway
 
 
-class Probe:
+class Probe(WsProbe):
     """One WebSocket connection subscribed to the channel: learns each publication's send
     time (its ``t``) and the size of the push frame."""
 
     def __init__(self, url: str, token: str, channel: str, count: int) -> None:
-        self.url, self.token, self.channel, self.count = url, token, channel, count
+        super().__init__(url, token, channel)
+        self.count = count
         self.sent_t: dict[int, float] = {}
         self.frame_bytes: int | None = None
-        self.error = ""
 
-    async def run(self, stop: asyncio.Event) -> None:
-        from websockets.asyncio.client import connect as ws_connect
-        from websockets.exceptions import ConnectionClosed
-
-        try:
-            async with ws_connect(self.url, max_queue=None, open_timeout=60) as ws:
-                await ws.send(json.dumps({"id": 1, "connect": {"token": self.token}}))
-                await ws.send(json.dumps({"id": 2, "subscribe": {"channel": self.channel}}))
-                reader = asyncio.create_task(self._read(ws))
-                await stop.wait()
-                reader.cancel()
-        except ConnectionClosed:
-            pass  # the bench stopped the server
-        except Exception as exc:  # noqa: BLE001 - reported, the run goes on
-            self.error = f"{type(exc).__name__}: {exc}"
-
-    async def _read(self, ws: Any) -> None:
-        from websockets.exceptions import ConnectionClosed
-
-        try:
-            async for msg in ws:
-                raw = msg if isinstance(msg, bytes) else msg.encode()
-                for line in raw.splitlines():
-                    pub = json.loads(line).get("push", {}).get("pub")
-                    if pub is None or not isinstance(pub.get("data"), dict):
-                        continue
-                    data = pub["data"]
-                    if "seq" in data and "t" in data:
-                        self.sent_t[int(data["seq"])] = float(data["t"])
-                        if self.frame_bytes is None and b"\n" not in raw:
-                            n = len(raw)
-                            self.frame_bytes = n + (2 if n < 126 else 4)
-        except ConnectionClosed:
-            pass
+    def on_message(self, message: dict[str, Any], frame: bytes, now: float) -> None:
+        data = self.publication(message)
+        if data is None or "seq" not in data or "t" not in data:
+            return
+        self.sent_t[int(data["seq"])] = float(data["t"])
+        if self.frame_bytes is None and b"\n" not in frame:
+            n = len(frame)
+            self.frame_bytes = n + (2 if n < 126 else 4)
 
 
 async def watch_cpu(status_path: Path, port: int, series: list[tuple[float, int, int, int]],

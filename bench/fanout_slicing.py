@@ -59,13 +59,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from tidegate.bench.runner import default_server_config  # noqa: E402
+from tidegate.bench.wsprobe import WsProbe  # noqa: E402
 from tidegate.gateway.auth import encode_hs256  # noqa: E402
 from tidegate.gateway.config import load_config  # noqa: E402
 from tidegate.observe.histogram import Histogram  # noqa: E402
@@ -77,64 +75,42 @@ MODES = {"chunked": "5", "inline": "0"}  # --slice-ms of the server
 # ---------------------------------------------------------------------- the probes
 
 
-class Probe:
+class Probe(WsProbe):
     """One WebSocket connection: subscribed to the channel, pinging every ``interval``."""
 
     def __init__(self, url: str, token: str, channel: str, interval: float, count: int) -> None:
-        self.url, self.token, self.channel = url, token, channel
+        super().__init__(url, token, channel)
         self.interval, self.count = interval, count
         self.sent: dict[int, float] = {}  # ping id -> time.time() sent
         self.samples: list[tuple[float, float]] = []  # (sent at, rtt s)
         self.first_t: float | None = None  # the first publication's send time (publisher's)
         self.last_rx: float | None = None  # when the last publication of the broadcast came
         self.pubs = 0
-        self.error = ""
 
-    async def run(self, stop: asyncio.Event) -> None:
-        try:
-            async with ws_connect(self.url, max_queue=None, open_timeout=60) as ws:
-                await ws.send(json.dumps({"id": 1, "connect": {"token": self.token}}))
-                await ws.send(json.dumps({"id": 2, "subscribe": {"channel": self.channel}}))
-                reader = asyncio.create_task(self._read(ws))
-                next_id = 100
-                while not stop.is_set():
-                    next_id += 1
-                    self.sent[next_id] = time.time()
-                    await ws.send(json.dumps({"id": next_id, "ping": {}}))
-                    try:
-                        await asyncio.wait_for(stop.wait(), self.interval)
-                    except TimeoutError:
-                        pass
-                reader.cancel()
-        except ConnectionClosed:
-            pass  # the bench stopped the server
-        except Exception as exc:  # noqa: BLE001 - reported, the run goes on
-            self.error = f"{type(exc).__name__}: {exc}"
+    async def while_open(self, ws: Any, stop: asyncio.Event) -> None:
+        next_id = 100
+        while not stop.is_set():
+            next_id += 1
+            self.sent[next_id] = time.time()
+            await ws.send(json.dumps({"id": next_id, "ping": {}}))
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval)
+            except TimeoutError:
+                pass
 
-    async def _read(self, ws: Any) -> None:
-        try:
-            await self._read_all(ws)
-        except ConnectionClosed:
-            pass  # the server drains (3001) when the bench stops it
-
-    async def _read_all(self, ws: Any) -> None:
-        async for msg in ws:
-            now = time.time()
-            for line in (msg if isinstance(msg, str) else msg.decode()).splitlines():
-                m = json.loads(line)
-                sent = self.sent.pop(m.get("id", 0), None)
-                if sent is not None:
-                    self.samples.append((sent, now - sent))
-                    continue
-                pub = m.get("push", {}).get("pub")
-                if pub is None or not isinstance(pub.get("data"), dict):
-                    continue
-                data = pub["data"]
-                self.pubs += 1
-                if data.get("seq") == 0:
-                    self.first_t = float(data["t"])
-                if data.get("seq") == self.count - 1:
-                    self.last_rx = now
+    def on_message(self, message: dict[str, Any], frame: bytes, now: float) -> None:
+        sent = self.sent.pop(message.get("id", 0), None)
+        if sent is not None:
+            self.samples.append((sent, now - sent))
+            return
+        data = self.publication(message)
+        if data is None:
+            return
+        self.pubs += 1
+        if data.get("seq") == 0:
+            self.first_t = float(data["t"])
+        if data.get("seq") == self.count - 1:
+            self.last_rx = now
 
 
 async def read_status(path: Path) -> dict[str, Any]:

@@ -491,3 +491,45 @@ def test_raw_tcp_json_and_protobuf_clients(gateway):
         buf = buf[pos:]
     assert replies[0].connect.client and replies[1].id == 2
     assert json.loads(replies[2].push.pub.data) == {"hello": "tcp"}
+
+
+def test_bench_ws_probe_sees_publications_and_its_pings_answered(gateway):
+    """The probe the bench scripts share (tidegate.bench.wsprobe): subscribed through a real
+    gateway, it gets each API publication (data as a JSON object) and replies to its pings."""
+    from tidegate.bench.wsprobe import WsProbe
+
+    srv = gateway("--workers", "1")
+
+    class Probe(WsProbe):
+        def __init__(self) -> None:
+            super().__init__(ws_url(srv), token("probe"), "news")
+            self.seqs: list[int] = []
+            self.pong = False
+
+        async def while_open(self, ws: Any, stop: asyncio.Event) -> None:
+            await ws.send(json.dumps({"id": 7, "ping": {}}))
+            await stop.wait()
+
+        def on_message(self, message: dict[str, Any], frame: bytes, now: float) -> None:
+            self.pong = self.pong or message.get("id") == 7
+            data = self.publication(message)
+            if data is not None:
+                self.seqs.append(int(data["seq"]))
+
+    async def main() -> Probe:
+        probe, stop = Probe(), asyncio.Event()
+        task = asyncio.create_task(probe.run(stop))
+        deadline = time.monotonic() + 10
+        while not probe.pong and time.monotonic() < deadline:  # connected and subscribed
+            await asyncio.sleep(0.05)
+        for seq in range(3):
+            body = json.dumps({"channel": "news", "data": {"seq": seq}}).encode()
+            assert (await asyncio.to_thread(api, srv, "publish", body))[0] == 200
+        while len(probe.seqs) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+        return probe
+
+    probe = asyncio.run(main())
+    assert probe.error == "" and probe.pong and probe.seqs == [0, 1, 2]
