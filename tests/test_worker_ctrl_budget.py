@@ -85,3 +85,20 @@ def test_the_loop_turns_between_slices_of_a_burst() -> None:
         assert seen_at[-1] < BURST, f"ticks ran only after the burst: {seen_at}"
 
     asyncio.run(main())
+
+
+def test_with_the_run_queue_off_a_read_takes_everything() -> None:
+    """``slice_ms`` 0 means "in one go" everywhere, here too; and even a budget already spent
+    reads one message a call (the reader never spins without progress)."""
+
+    async def main() -> None:
+        w, handled, sup_end = _worker_with_burst()
+        w.opts.slice_ms = 0.0
+        w._on_ctrl()
+        assert handled == list(range(BURST)) and w.ctrl_yields == 0
+        w, handled, sup_end = _worker_with_burst()
+        w._on_ctrl(budget_s=0.0)
+        w._on_ctrl(budget_s=0.0)
+        assert handled == [0, 1] and w.ctrl_yields == 2
+
+    asyncio.run(main())

@@ -437,15 +437,19 @@ class Worker:
         """Handle what the supervisor sent. As the loop's reader, at most one ``slice_ms`` of
         it per turn: a burst (every worker's presence calls to a hot channel's owner, a relay
         storm) must not stall this worker's heartbeats and accepts; the reader is level-
-        triggered, so the rest is read on the next turn. ``budget_s=None``: read everything."""
+        triggered, so the rest is read on the next turn. ``budget_s=None`` (or ``slice_ms``
+        0, the run queue off): read everything. At least one message per call, whatever the
+        budget."""
         assert self.ctrl is not None
         if budget_s is not None and budget_s < 0:
-            budget_s = self.opts.slice_ms / 1000.0
+            budget_s = self.opts.slice_ms / 1000.0 or None
         deadline = time.monotonic() + budget_s if budget_s is not None else None
+        first = True
         while True:
-            if deadline is not None and time.monotonic() > deadline:
+            if not first and deadline is not None and time.monotonic() > deadline:
                 self.ctrl_yields += 1
                 return
+            first = False
             try:
                 msg = control.recv(self.ctrl)
             except BlockingIOError:
