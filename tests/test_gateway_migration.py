@@ -890,16 +890,18 @@ def _live_config(tmp_path: Any) -> str:
     return str(path)
 
 
-async def _split(srv: Any, pids: list[int], users: Any) -> tuple[list[_Client], int, int]:
-    """Clients connected (user ``users(i)``), then those of the worker holding fewer closed:
-    the other one holds all the rest, and the empty one will steal half. Returns the kept
-    clients, the full worker's pid and the empty one's. (The connect reply names the worker:
-    no ``ss``, which takes seconds on a loaded machine.)"""
+async def _split(srv: Any, pids: list[int], channels: tuple[str, ...]
+                 ) -> tuple[list[_Client], int, int]:
+    """Clients connected (user ``user<i>``), then those of the worker holding fewer closed:
+    the other one holds all the rest, and the empty one will steal half; the kept ones
+    subscribe to ``channels``. Returns the kept clients, the full worker's pid and the empty
+    one's. (The connect reply names the worker: no ``ss``, which takes seconds on a loaded
+    machine.)"""
     clients: list[_Client] = [k() for _ in range(N_EACH) for k in (_WsClient, _TcpClient)]
     where: dict[int, int] = {}
     for i, cl in enumerate(clients):
         await cl.open(srv)
-        cl.user = users(i)
+        cl.user = f"user{i}"
         reply = await cl.call("connect", {"token": _token(cl.user)})
         cl.client = reply["connect"]["client"]
         where[id(cl)] = pids[int(reply["connect"]["node"].rsplit("-", 1)[1])]
@@ -909,6 +911,9 @@ async def _split(srv: Any, pids: list[int], users: Any) -> tuple[list[_Client], 
     for cl in clients:
         if where[id(cl)] != full:
             await cl.close()
+    for cl in kept:
+        for channel in channels:
+            assert "subscribe" in await cl.call("subscribe", {"channel": channel})
     return kept, full, empty
 
 
@@ -970,9 +975,7 @@ def test_publications_without_history_reach_clients_moved_mid_stream_exactly_onc
 
 
 async def _stream_while_moving(srv: Any, pids: list[int]) -> None:
-    kept, full, empty = await _split(srv, pids, lambda i: f"user{i}")
-    for cl in kept:
-        assert "subscribe" in await cl.call("subscribe", {"channel": "live:feed"})
+    kept, full, empty = await _split(srv, pids, ("live:feed",))
     pubs = _publishers(srv, "live:feed")
     for p in pubs:
         p.start()
@@ -1021,10 +1024,7 @@ def test_api_disconnect_and_unsubscribe_reach_sessions_mid_move(
 
 
 async def _api_while_moving(srv: Any, pids: list[int]) -> None:
-    kept, full, empty = await _split(srv, pids, lambda i: f"user{i}")
-    for cl in kept:
-        for channel in ("live:feed", "live:other"):
-            assert "subscribe" in await cl.call("subscribe", {"channel": channel})
+    kept, full, empty = await _split(srv, pids, ("live:feed", "live:other"))
     # Every client gets one action by its user: which of them move is the victim's choice.
     quit_, leave = kept[::2], kept[1::2]
     calls = [("disconnect", {"user": cl.user}) for cl in quit_] + [
