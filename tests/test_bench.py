@@ -609,3 +609,15 @@ def test_asyncio_client_tries_a_refused_connect_again() -> None:
         server.close()
 
     asyncio.run(main())
+
+
+def test_host_notes_name_what_the_kernel_counters_say() -> None:
+    from tidegate.bench.runner import host_notes
+
+    assert host_notes({"SoftnetDropped": 0, "TCPAbortOnTimeout": 0, "ListenDrops": 5}) == []
+    notes = host_notes({"SoftnetDropped": 3060872, "TCPAbortOnTimeout": 325981,
+                        "TCPMemoryPressures": 1, "TCPMemoryPressuresChrono": 46684})
+    assert len(notes) == 3
+    assert "3060872 packets dropped" in notes[0] and "netdev_max_backlog" in notes[0]
+    assert "325981 connections aborted" in notes[1]
+    assert "46.7 s" in notes[2]
