@@ -2,6 +2,7 @@
 
     python bench/fanout_slicing.py [--connections 18000] [--rate 2] [--count 8]
                                    [--probes 20] [--json PATH]
+                                   [--server-workers N] [--hold S] [--bench-arg=ARG ...]
 
 The same workload twice in one run, one mode after the other: a one-worker gateway
 (``tidegate bench --protocol ws --server-workers 1``) holding ``--connections`` WebSocket
@@ -19,8 +20,12 @@ the broadcast starts and ends) and sending the protocol's ``ping`` command every
 ``--probe-interval`` seconds. The RTT of the pings *sent during the broadcast* (from the first
 publication's send time to the last publication a probe received) is reported as the worker's
 heartbeat RTT. The probes run in this process, whose loop is nearly idle, so their RTT is the
-worker's delay, not the load generator's; the bench clients' own heartbeat RTT (their loops
-parse every delivery, so it includes their own queueing) is reported too, over the hold.
+worker's delay, not the load generator's; each learns its worker from the client id of its
+connect reply (a per-process prefix), so with several workers (``--server-workers 0``: as many
+as the bench sizes for ``--connections``, 27 for 500k here) the report also gives each probed
+worker's p99 (worst, median, and how many are over 50 ms). The bench clients' own heartbeat
+RTT (their loops parse every delivery, so it includes their own queueing) is reported too,
+over the hold.
 
 Also reported per mode, from the server's status file: its stall detector's loop lag (a timer
 every 50 ms: how late it ran; histogram buckets 1 ms .. 10 s) and stalls over 200 ms, taken
@@ -86,6 +91,7 @@ class Probe(WsProbe):
         self.first_t: float | None = None  # the first publication's send time (publisher's)
         self.last_rx: float | None = None  # when the last publication of the broadcast came
         self.pubs = 0
+        self.worker = ""  # the client id's per-process prefix: which worker holds the probe
 
     async def while_open(self, ws: Any, stop: asyncio.Event) -> None:
         next_id = 100
@@ -99,6 +105,8 @@ class Probe(WsProbe):
                 pass
 
     def on_message(self, message: dict[str, Any], frame: bytes, now: float) -> None:
+        if message.get("id") == 1:  # the connect reply: its client id names the worker
+            self.worker = str(message.get("connect", {}).get("client", "")).split("-")[0]
         sent = self.sent.pop(message.get("id", 0), None)
         if sent is not None:
             self.samples.append((sent, now - sent))
@@ -157,17 +165,23 @@ async def run_mode(mode: str, args: argparse.Namespace, token: str, workdir: Pat
     report_path = logs / "bench.json"
     status_path = logs / "server-status.json"
     cmd = [sys.executable, "-m", "tidegate", "bench", "--protocol", "ws",
-           "--connections", str(args.connections), "--server-workers", "1",
-           "--hold", "1", "--broadcast-start", "2", "--broadcast-rate", str(args.rate),
+           "--connections", str(args.connections),
+           *(["--server-workers", str(args.server_workers)] if args.server_workers else []),
+           "--hold", str(args.hold), "--broadcast-start", str(args.broadcast_start),
+           "--broadcast-rate", str(args.rate),
            "--broadcast-count", str(args.count), "--broadcast-timeout", str(args.timeout),
            "--channel", args.channel, "--no-progress", "--json", str(report_path),
            "--logs-dir", str(logs), "--server-arg=--slice-ms", f"--server-arg={MODES[mode]}",
-           "--server-arg=--stall-threshold-ms", "--server-arg=200"]
+           "--server-arg=--stall-threshold-ms", "--server-arg=200", *args.bench_arg]
     print(f"[{mode}] {' '.join(cmd[2:])}", flush=True)
     t0 = time.monotonic()
+    # The bench (and its clients, which share its session) in a session of its own: with
+    # autogroup scheduling each session is one scheduling group, and the probes, in this
+    # process, must not wait behind 27 busy client processes for a CPU, or their RTT measures
+    # this process rather than the workers.
     proc = await asyncio.create_subprocess_exec(
         *cmd, cwd=str(ROOT), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), start_new_session=True)
     stop = asyncio.Event()
     timeline: list[tuple[float, dict[str, Any]]] = []
     sched: list[tuple[float, tuple[int, int]]] = []
@@ -185,7 +199,11 @@ async def run_mode(mode: str, args: argparse.Namespace, token: str, workdir: Pat
                   for _ in range(args.probes)]
         tasks = [asyncio.create_task(p.run(stop)) for p in probes]
         tasks.append(asyncio.create_task(watch_status(status_path, timeline, sched, stop)))
-    await proc.wait()
+    try:
+        await proc.wait()
+    finally:
+        if proc.returncode is None:  # interrupted: not in our session, so stop it ourselves
+            proc.terminate()
     stop.set()
     await asyncio.gather(*tasks)
     text = await output
@@ -195,7 +213,9 @@ async def run_mode(mode: str, args: argparse.Namespace, token: str, workdir: Pat
     except (FileNotFoundError, json.JSONDecodeError):
         tail = (text or b"").decode(errors="replace")[-3000:]
         raise SystemExit(f"[{mode}] no bench report; its output ends with:\n{tail}") from None
-    out = summarize(mode, bench, probes, timeline, sched)
+    # the bench stops waiting (and closes every connection) this long after the first publish
+    cutoff_s = (args.count - 1) / args.rate + args.timeout
+    out = summarize(mode, bench, probes, timeline, sched, cutoff_s)
     out["run_seconds"] = round(elapsed, 1)
     out["bench_exit_code"] = proc.returncode
     print(f"[{mode}] done in {elapsed:.0f} s (bench exit {proc.returncode})", flush=True)
@@ -204,13 +224,26 @@ async def run_mode(mode: str, args: argparse.Namespace, token: str, workdir: Pat
 
 def summarize(mode: str, bench: dict[str, Any], probes: list[Probe],
               timeline: list[tuple[float, dict[str, Any]]],
-              sched: list[tuple[float, tuple[int, int]]]) -> dict[str, Any]:
+              sched: list[tuple[float, tuple[int, int]]], cutoff_s: float) -> dict[str, Any]:
+    """The window is the broadcast: from the first publication to the last one a probe got,
+    cut at ``cutoff_s`` after the first publication, when the bench gives up waiting and
+    closes its connections (at 500k a worker's 18,500 connection_lost callbacks stall its
+    loop for 10-15 s: that is the close, not the fan-out)."""
     starts = [p.first_t for p in probes if p.first_t is not None]
     ends = [p.last_rx for p in probes if p.last_rx is not None]
     start = min(starts) if starts else None
     end = max(ends) if ends else None
+    cut = start is not None and end is not None and end > start + cutoff_s
+    if cut and start is not None:
+        end = start + cutoff_s
     rtts = sorted(rtt for p in probes for sent, rtt in p.samples
                   if start is not None and end is not None and start <= sent <= end)
+    by_worker: dict[str, list[float]] = {}
+    for p in probes:
+        by_worker.setdefault(p.worker or "?", []).extend(
+            rtt for sent, rtt in p.samples
+            if start is not None and end is not None and start <= sent <= end)
+    worker_p99 = sorted(_pcts(sorted(v))["p99"] or 0.0 for v in by_worker.values() if v)
     out: dict[str, Any] = {
         "mode": mode,
         "server_slice_ms": float(MODES[mode]),
@@ -218,8 +251,16 @@ def summarize(mode: str, bench: dict[str, Any], probes: list[Probe],
         "probe_connections": len(probes),
         "probe_errors": [p.error for p in probes if p.error],
         "broadcast_window_s": round(end - start, 3) if start and end else None,
+        "window_cut_at_bench_close": cut,
+        "heartbeat_rtt_ms_max_by_second": _max_by_second(probes, start, end),
         "heartbeat_rtt_ms": _pcts(rtts),
         "heartbeat_samples": len(rtts),
+        "probed_workers": len([v for v in by_worker.values() if v]),
+        "heartbeat_rtt_ms_p99_by_worker": {
+            "worst": worker_p99[-1] if worker_p99 else None,
+            "median": worker_p99[len(worker_p99) // 2] if worker_p99 else None,
+            "best": worker_p99[0] if worker_p99 else None,
+            "workers_over_50ms": sum(1 for v in worker_p99 if v > 50)},
         "heartbeat_rtt_ms_histogram": _buckets(rtts),
     }
     out.update(loop_figures(timeline, start, end, bench.get("connections_established") or 0))
@@ -244,7 +285,10 @@ def loop_figures(timeline: list[tuple[float, dict[str, Any]]], start: float | No
     if not timeline or start is None or end is None:
         return {}
     before = [s for t, s in timeline if t <= start] or [timeline[0][1]]
-    still_open = [(t, s) for t, s in timeline if int(s.get("active", 0)) >= held]
+    # worker 0 holds all connections with one worker, its share with several: "still open"
+    # is within 1% of the most it held (the probes on other workers, a connect retry)
+    peak = max(int(s.get("active", 0)) for _, s in timeline)
+    still_open = [(t, s) for t, s in timeline if int(s.get("active", 0)) >= min(held, 0.99 * peak)]
     after = ([s for t, s in still_open if t >= end + 1.0] or [s for _, s in still_open[-1:]]
              or [timeline[-1][1]])
     b, a = before[-1], after[0]
@@ -301,6 +345,20 @@ def _buckets(values: list[float]) -> dict[str, int]:
     return out
 
 
+def _max_by_second(probes: list[Probe], start: float | None, end: float | None
+                   ) -> list[float]:
+    """The slowest probe heartbeat sent in each second of the window (ms): when it was bad."""
+    if start is None or end is None:
+        return []
+    worst = [0.0] * (int(end - start) + 1)
+    for p in probes:
+        for sent, rtt in p.samples:
+            if start <= sent <= end:
+                i = int(sent - start)
+                worst[i] = max(worst[i], round(rtt * 1000, 1))
+    return worst
+
+
 def _ms(seconds: float | None) -> float | None:
     if seconds is None or seconds == float("inf"):
         return None if seconds is None else float("inf")
@@ -327,6 +385,10 @@ ROWS: list[tuple[str, Any]] = [
     ("heartbeat RTT ms p99 (probes)", lambda r: r["heartbeat_rtt_ms"]["p99"]),
     ("heartbeat RTT ms max (probes)", lambda r: r["heartbeat_rtt_ms"]["max"]),
     ("heartbeat samples in window", lambda r: r["heartbeat_samples"]),
+    ("workers probed", lambda r: r["probed_workers"]),
+    ("worker p99 ms worst / median", lambda r: f"{r['heartbeat_rtt_ms_p99_by_worker']['worst']} / "
+                                               f"{r['heartbeat_rtt_ms_p99_by_worker']['median']}"),
+    ("workers with p99 > 50 ms", lambda r: r["heartbeat_rtt_ms_p99_by_worker"]["workers_over_50ms"]),
     ("heartbeats > 50 ms", lambda r: sum(v for k, v in r["heartbeat_rtt_ms_histogram"].items()
                                          if k not in ("<=2", "<=5", "<=10", "<=20", "<=50"))),
     ("worker on CPU / waiting for CPU", lambda r: f"{r.get('worker_cpu_share_in_window')} / "
@@ -398,14 +460,16 @@ async def amain(args: argparse.Namespace) -> int:
         else:
             print(f"logs: {workdir}")
     print_table(results)
-    report = {
+    report: dict[str, Any] = {
         "schema": "tidegate.bench.fanout_slicing/1",
         "date": DATE,
         "command": [sys.executable, *sys.argv],
         "host": {"cores": os.cpu_count(), "python": platform.python_version(),
                  "kernel": platform.release(),
                  "note": "2 cores shared with other work during the run"},
-        "workload": {"connections": args.connections, "workers": 1, "rate_per_s": args.rate,
+        "workload": {"connections": args.connections,
+                     "workers": args.server_workers or "the bench's default (by the fd limit)",
+                     "bench_args": args.bench_arg, "rate_per_s": args.rate,
                      "count": args.count, "probes": args.probes,
                      "probe_interval_s": args.probe_interval, "channel": args.channel},
         "results": results,
@@ -429,6 +493,13 @@ def main() -> int:
     p.add_argument("--count", type=int, default=8, help="publications")
     p.add_argument("--timeout", type=float, default=40.0,
                    help="how long the bench waits for every delivery after the last publish")
+    p.add_argument("--server-workers", type=int, default=1,
+                   help="0: as many as the bench sizes for --connections (27 for 500k here)")
+    p.add_argument("--hold", type=float, default=1.0, help="the bench's --hold")
+    p.add_argument("--broadcast-start", type=float, default=2.0,
+                   help="seconds into the hold of the first publication")
+    p.add_argument("--bench-arg", action="append", default=[],
+                   help="one more argument for `tidegate bench` (repeat; use --bench-arg=--x)")
     p.add_argument("--probes", type=int, default=20)
     p.add_argument("--probe-interval", type=float, default=0.05)
     p.add_argument("--channel", default="bench")
@@ -438,7 +509,9 @@ def main() -> int:
     p.add_argument("--keep-logs", action="store_true")
     args = p.parse_args()
     if args.json is None:
-        args.json = str(ROOT / "bench" / "results" / f"{DATE}-fanout-slicing-{args.rate:g}pps.json")
+        size = "" if args.connections == 18_000 else f"{args.connections // 1000}k-"
+        args.json = str(ROOT / "bench" / "results"
+                        / f"{DATE}-fanout-slicing-{size}{args.rate:g}pps.json")
     return asyncio.run(amain(args))
 
 

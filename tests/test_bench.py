@@ -405,6 +405,9 @@ def test_bench_run_against_its_own_server(tmp_path: Path) -> None:
     assert r["server_started_by_bench"] is True
     assert r["client_loop"] == "epoll"  # raw's default
     assert r["client_processes"] == 2
+    assert r["client_nice"] == 0 and r["client_nice_observed"] == [os.nice(0)]
+    # one scheduling group for the whole load generator: the bench's own session
+    assert r["clients_in_bench_session"] is True and r["client_session_count"] == 1
     assert r["source_addresses"] == ["127.0.0.2", "127.0.0.3"]
     assert r["server_workers"] >= 1 and len(r["server_worker_pids"]) == r["server_workers"]
     assert r["server_rss_bytes_before"] > 0 and r["server_rss_bytes_held"] > 0
@@ -431,10 +434,16 @@ def test_bench_uvloop_client_still_runs_and_the_report_names_the_loop(tmp_path: 
     # The asyncio client is the baseline the epoll one is measured against: it must keep working.
     n = 600
     code, r, output = _bench(tmp_path, "--connections", str(n), "--clients", "1", "--hold", "2",
-                             "--ping-interval", "1", "--client-loop", "uvloop", "--no-progress")
+                             "--ping-interval", "1", "--client-loop", "uvloop", "--no-progress",
+                             "--client-nice", "5")
     assert code == 0, output
     _assert_clean_counts(r, n)
     assert r["client_loop"] == "uvloop"
+    # --client-nice: the clients yield the cores to the server, and the report says so
+    assert r["client_nice"] == 5 and r["client_nice_observed"] == [os.nice(0) + 5]
+    assert r["clients_in_bench_session"] is False and r["client_session_count"] == 1
+    if Path("/proc/self/autogroup").exists():  # the client is a session: its group is niced
+        assert r["client_autogroup_nice_observed"] == [5]
     code, _, output = _bench(tmp_path, "--protocol", "ws", "--client-loop", "epoll",
                              "--connections", "10", "--no-progress")
     assert code != 0 and "epoll speaks raw only" in output

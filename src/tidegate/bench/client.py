@@ -118,6 +118,10 @@ class ClientConfig:
     channel: str = "bench"
     ws_path: str = "/connection/websocket"
     broadcast_count: int = 0
+    # Added to the process's nice value and its session's at start (runner --client-nice): the
+    # clients then take the cores only when the server's workers leave them, as if they ran
+    # on other machines.
+    nice: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -1204,7 +1208,8 @@ class ClientProcess:
         stats = self.stats
         control = self.control
         lifetime = self.loop.call_later(cfg.lifetime_s, control.stop, "lifetime_exceeded")
-        emit("ready", pid=os.getpid(), nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        emit("ready", pid=os.getpid(), nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+             nice=os.nice(0), autogroup_nice=autogroup_nice(), sid=os.getsid(0))
         await control.go.wait()
         progress = asyncio.create_task(self._progress_loop())
         self.wheel.start(cfg.tick_phase)
@@ -1324,6 +1329,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from tidegate.engine.limits import raise_nofile
 
+    if config.nice > 0:
+        set_nice(config.nice)
     limits = raise_nofile()
     if config.connections + 64 > limits.soft:
         emit("fatal", error=f"{config.connections} connections need more fds than {limits.soft}")
@@ -1345,6 +1352,31 @@ def main(argv: list[str] | None = None) -> int:
     with asyncio.Runner(loop_factory=_loop_factory(config.loop)) as runner:
         runner.run(amain())
     return 0
+
+
+def set_nice(nice: int) -> None:
+    """Lower this process's priority by ``nice``, and its autogroup's.
+
+    With a nice value the runner starts each client in a session of its own, and with the
+    kernel's autogroup scheduling (``kernel.sched_autogroup_enabled``, on by default) a
+    session is a scheduling group whose weight comes from the group's own nice value
+    (``/proc/self/autogroup``), not its tasks': ``os.nice`` alone would leave each client the
+    claim of the whole server (one session) to the CPU, so the group's nice is set too."""
+    os.nice(nice)
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:
+        pass  # no autogroup scheduling here: the process's nice is what counts
+
+
+def autogroup_nice() -> int | None:
+    """This process's autogroup nice value (None without autogroup scheduling)."""
+    try:
+        with open("/proc/self/autogroup") as f:
+            return int(f.read().split("nice")[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def config_json(config: ClientConfig) -> str:

@@ -41,6 +41,7 @@ from tidegate.bench.client import (
     Control,
     Stats,
     WheelClock,
+    autogroup_nice,
     connected_fields,
     emit,
     error_reason,
@@ -397,7 +398,8 @@ class EpollRawClient:
         control = self.control
         start = time.monotonic_ns()
         lifetime_end = start + int(cfg.lifetime_s * 1e9)
-        emit("ready", pid=os.getpid(), nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        emit("ready", pid=os.getpid(), nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+             nice=os.nice(0), autogroup_nice=autogroup_nice(), sid=os.getsid(0))
         while not control.go.is_set():
             self._poll_once(1.0)
             if time.monotonic_ns() > lifetime_end:

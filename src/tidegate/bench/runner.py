@@ -180,6 +180,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--clients", type=_positive_int, metavar="K",
                    help="client processes (default: enough for the fd limit, at least one per "
                    "core)")
+    g.add_argument("--client-nice", type=int, default=0, choices=range(0, 20), metavar="N",
+                   help="run the client processes at this nice value (0-19; default 0). On a "
+                   "machine the server shares with its load generator, the workers then get "
+                   "the cores first, as if the clients ran elsewhere; the report says so")
     g.add_argument("--max-inflight", type=_positive_int, default=500, metavar="M",
                    help="connects in flight per client process (default: 500)")
     g.add_argument("--connect-timeout", type=_positive_float, default=15.0, metavar="SECONDS",
@@ -507,6 +511,9 @@ class Client:
     reader: asyncio.Task[None] | None = None
     window_rtt_max_us: int = 0  # the largest RTT reported since the runner last took it
     frozen_open: int | None = None  # --freeze-fraction: its open connections when stopped
+    nice: int | None = None  # the process's nice value, as it reported it when ready
+    autogroup_nice: int | None = None  # its session's (None: no autogroup scheduling)
+    sid: int | None = None  # its session id
 
     def take_rtt_max(self) -> int:
         value, self.window_rtt_max_us = self.window_rtt_max_us, 0
@@ -536,6 +543,9 @@ class Client:
                 continue
             kind = msg.get("type")
             if kind == "ready":
+                self.nice = msg.get("nice")
+                self.autogroup_nice = msg.get("autogroup_nice")
+                self.sid = msg.get("sid")
                 self.ready.set()
             elif kind == "progress":
                 self.latest = msg
@@ -751,6 +761,9 @@ class Bench:
             "command": [sys.executable, *sys.argv],
             "config": {k: v for k, v in sorted(vars(a).items()) if not callable(v)},
             "client_loop": self.client_loop,
+            "client_nice": a.client_nice,  # > 0: the clients yielded the cores to the server
+            "client_sessions": ("one each, its scheduling group niced" if a.client_nice else
+                                "the bench's own (one scheduling group for all clients)"),
             "host": {
                 "hostname": platform.node(),
                 "kernel": platform.release(),
@@ -900,16 +913,25 @@ class Bench:
                 connect_retries=max(0, a.connect_retries),
                 close_mode=a.close_mode, hello=a.hello, established_on=a.established_on,
                 lifetime_s=lifetime_s, loop=self.client_loop, channel=a.channel,
-                broadcast_count=a.broadcast_count if self.broadcast_on else 0)
+                broadcast_count=a.broadcast_count if self.broadcast_on else 0,
+                nice=a.client_nice)
             log_path = os.path.join(self.workdir, f"client-{plan.index}.log")
             client_env = env
             if self.ws:  # the token goes in the environment, not on the command line
                 client_env = dict(env, **{TOKEN_ENV: self.client_token(plan.index, lifetime_s)})
+            # The scheduler's view of the load generator. With autogroup scheduling (on by
+            # default) every session is a group with one share of the CPU: a session per
+            # client gave each of 27 client processes the claim of the whole server (its own
+            # session, 27 workers). So by default the clients stay in the bench's session, one
+            # group, and get half the machine against the server's half when both are busy;
+            # their own process group keeps a terminal's Ctrl-C to the runner. With
+            # --client-nice each gets a session of its own whose group is niced (set_nice).
+            own_session = {"start_new_session": True} if a.client_nice else {"process_group": 0}
             with open(log_path, "wb") as log:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "tidegate.bench.client", config_json(config),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
-                    start_new_session=True, env=client_env, limit=1 << 22)
+                    env=client_env, limit=1 << 22, **own_session)
             client = Client(plan=plan, proc=proc, log_path=log_path)
             client.reader = asyncio.create_task(client.read())
             self.clients.append(client)
@@ -1618,6 +1640,12 @@ class Bench:
             sum(float(m.get("cpu_seconds", 0)) for m in connected), 2)
         r["client_max_rss_bytes_per_process"] = max(
             (int(f.get("max_rss_bytes", 0)) for f in finals), default=None)
+        r["client_nice_observed"] = sorted({c.nice for c in self.clients if c.nice is not None})
+        r["client_autogroup_nice_observed"] = sorted(
+            {c.autogroup_nice for c in self.clients if c.autogroup_nice is not None})
+        sids = {c.sid for c in self.clients if c.sid is not None}
+        r["client_session_count"] = len(sids)
+        r["clients_in_bench_session"] = sids == {os.getsid(0)}
         r["heartbeat_rtt_histogram_us_hold"] = rtt_hold.to_dict()
         self.broadcast_report(finals, complete=not missing)
 
