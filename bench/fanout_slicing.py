@@ -233,16 +233,14 @@ def summarize(mode: str, bench: dict[str, Any], probes: list[Probe],
     ends = [p.last_rx for p in probes if p.last_rx is not None]
     start = min(starts) if starts else None
     end = max(ends) if ends else None
-    cut = start is not None and end is not None and end > start + cutoff_s
-    if cut and start is not None:
-        end = start + cutoff_s
-    rtts = sorted(rtt for p in probes for sent, rtt in p.samples
-                  if start is not None and end is not None and start <= sent <= end)
+    cut = False
+    if start is not None and end is not None and end > start + cutoff_s:
+        end, cut = start + cutoff_s, True
     by_worker: dict[str, list[float]] = {}
     for p in probes:
         by_worker.setdefault(p.worker or "?", []).extend(
-            rtt for sent, rtt in p.samples
-            if start is not None and end is not None and start <= sent <= end)
+            rtt for sent, rtt in _in_window(p, start, end))
+    rtts = sorted(rtt for v in by_worker.values() for rtt in v)
     worker_p99 = sorted(_pcts(sorted(v))["p99"] or 0.0 for v in by_worker.values() if v)
     out: dict[str, Any] = {
         "mode": mode,
@@ -345,6 +343,13 @@ def _buckets(values: list[float]) -> dict[str, int]:
     return out
 
 
+def _in_window(p: Probe, start: float | None, end: float | None) -> list[tuple[float, float]]:
+    """The probe's (sent at, rtt) samples whose ping was sent inside the window."""
+    if start is None or end is None:
+        return []
+    return [(sent, rtt) for sent, rtt in p.samples if start <= sent <= end]
+
+
 def _max_by_second(probes: list[Probe], start: float | None, end: float | None
                    ) -> list[float]:
     """The slowest probe heartbeat sent in each second of the window (ms): when it was bad."""
@@ -352,10 +357,9 @@ def _max_by_second(probes: list[Probe], start: float | None, end: float | None
         return []
     worst = [0.0] * (int(end - start) + 1)
     for p in probes:
-        for sent, rtt in p.samples:
-            if start <= sent <= end:
-                i = int(sent - start)
-                worst[i] = max(worst[i], round(rtt * 1000, 1))
+        for sent, rtt in _in_window(p, start, end):
+            i = int(sent - start)
+            worst[i] = max(worst[i], round(rtt * 1000, 1))
     return worst
 
 

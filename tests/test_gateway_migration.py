@@ -284,6 +284,14 @@ class _Wire:
         assert task.done() or (opts is not None and opts.history_enabled)
 
 
+async def _two_workers() -> tuple[_Wire, Node, Node]:
+    """A settled wire of two workers (hellos answered): the victim and the thief."""
+    wire = _Wire()
+    await wire.settle()
+    v, t = wire.nodes
+    return wire, v, t
+
+
 _CUT_CONFIG = make_config(namespaces={
     "live": ChannelOptions(allow_subscribe_for_client=True, allow_publish_for_client=True,
                            join_leave=True),
@@ -339,9 +347,7 @@ def test_nothing_moves_before_the_hellos_are_answered() -> None:
 
 def test_publications_relayed_in_the_window_reach_the_moving_session_once() -> None:
     async def main() -> None:
-        wire = _Wire()
-        await wire.settle()
-        v, t = wire.nodes
+        wire, v, t = await _two_workers()
         c = connected(v, user="alice")
         assert "subscribe" in c.subscribe("live:a")
         await wire.publish(0, "live:a", 1)
@@ -367,9 +373,7 @@ def test_publications_relayed_in_the_window_reach_the_moving_session_once() -> N
 
 def test_a_thief_behind_the_victim_holds_the_session_until_it_caught_up() -> None:
     async def main() -> None:
-        wire = _Wire()
-        await wire.settle()
-        v, t = wire.nodes
+        wire, v, t = await _two_workers()
         c = connected(v, user="alice")
         c.subscribe("live:a", join_leave=True)
         other = connected(v, user="bob")
@@ -400,9 +404,7 @@ def test_a_thief_behind_the_victim_holds_the_session_until_it_caught_up() -> Non
 
 def test_join_and_leave_in_the_window_reach_a_join_leave_subscriber_once() -> None:
     async def main() -> None:
-        wire = _Wire()
-        await wire.settle()
-        v, t = wire.nodes
+        wire, v, t = await _two_workers()
         c = connected(v, user="alice")
         c.subscribe("live:a", join_leave=True)
         await wire.settle()
@@ -425,9 +427,7 @@ def test_join_and_leave_in_the_window_reach_a_join_leave_subscriber_once() -> No
 
 def test_a_window_longer_than_the_relay_log_is_3010_and_counted() -> None:
     async def main() -> None:
-        wire = _Wire()
-        await wire.settle()
-        v, t = wire.nodes
+        wire, v, t = await _two_workers()
         wire.log(1).max_entries = 4
         c = connected(v, user="alice")
         c.subscribe("live:a")
@@ -444,9 +444,7 @@ def test_a_window_longer_than_the_relay_log_is_3010_and_counted() -> None:
 
 def test_a_thief_that_never_catches_up_gives_up_with_3010() -> None:
     async def main() -> None:
-        wire = _Wire()
-        await wire.settle()
-        v, t = wire.nodes
+        wire, v, t = await _two_workers()
         c = connected(v, user="alice")
         c.subscribe("live:a")
         await wire.settle()
@@ -469,9 +467,7 @@ def test_a_thief_that_never_catches_up_gives_up_with_3010() -> None:
 
 def test_a_returned_hand_over_replays_from_the_victims_own_log() -> None:
     async def main() -> None:
-        wire = _Wire()
-        await wire.settle()
-        v, t = wire.nodes
+        wire, v, t = await _two_workers()
         c = connected(v, user="alice")
         c.subscribe("live:a")
         state = _export(c)
@@ -486,9 +482,7 @@ def test_a_returned_hand_over_replays_from_the_victims_own_log() -> None:
 
 def test_history_channels_resync_by_offset_and_are_not_replayed_twice() -> None:
     async def main() -> None:
-        wire = _Wire()
-        await wire.settle()
-        v, t = wire.nodes
+        wire, v, t = await _two_workers()
         c = connected(v, user="alice")
         c.subscribe("live:a")
         c.fire("subscribe", {"channel": "hist:h"})  # positioned: asks the channel's owner
@@ -513,9 +507,7 @@ def test_history_channels_resync_by_offset_and_are_not_replayed_twice() -> None:
 @pytest.mark.parametrize("source", [0, 1])
 def test_api_actions_on_a_user_in_the_window_reach_its_session(source: int) -> None:
     async def main() -> None:
-        wire = _Wire()
-        await wire.settle()
-        v, t = wire.nodes
+        wire, v, t = await _two_workers()
         api = [http_api.HttpApi(n, call_all=n.broker.call_all) for n in wire.nodes]  # type: ignore[attr-defined]
         gone, unsub, sub = (connected(v, user=u) for u in ("gone", "unsub", "sub"))
         stay = connected(v, user="unsub")  # the same user, not moving: the same action
