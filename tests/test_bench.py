@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -416,6 +417,7 @@ def test_bench_run_against_its_own_server(tmp_path: Path) -> None:
     assert r["server_marginal_bytes_per_connection"] == pytest.approx(expected, abs=0.1)
     assert r["server_cpu_seconds"] is not None and r["server_cpu_seconds"] >= 0
     assert sum(r["server_worker_connections_held"]) == n
+    assert r["server_worker_connections_counted_by"] == "open fds of each worker"
     assert r["server_exit_code"] == 0
     assert r["server_workers_left_running"] == []
     # Everything it started is gone.
@@ -428,6 +430,23 @@ def test_bench_run_against_its_own_server(tmp_path: Path) -> None:
     assert r["metrics_scrape_bytes"] > 0
     assert r["server_stats_cpu_percent_per_worker"] is not None
     assert "/metrics scrape ms" in output
+    # The machine's CPU in each phase: every core's time is accounted, busy or idle.
+    hold = r["host_cpu_seconds_by_phase"]["hold"]
+    assert set(hold) >= {"user", "system", "softirq", "idle", "steal"}
+    assert sum(hold.values()) == pytest.approx(os.cpu_count() * r["hold_seconds"], rel=0.25)
+    assert r["client_progress_lines_dropped"] == 0
+
+
+def test_bench_past_the_fd_count_takes_the_workers_own_counts(tmp_path: Path) -> None:
+    # At 500k, listing every worker's fds took minutes while the hold went on; past
+    # --fd-count-max the spread comes from the workers' own counts.
+    n = 1000
+    code, r, output = _bench(tmp_path, "--connections", str(n), "--clients", "1", "--hold", "3",
+                             "--server-workers", "2", "--fd-count-max", "500", "--no-progress")
+    assert code == 0, output
+    assert r["server_worker_connections_counted_by"] == "each worker's own count (status file)"
+    assert sum(r["server_worker_connections_held"]) == n
+    assert "fds" not in r["held_measurement_seconds_by_part"]
 
 
 def test_bench_uvloop_client_still_runs_and_the_report_names_the_loop(tmp_path: Path) -> None:
@@ -630,3 +649,56 @@ def test_host_notes_name_what_the_kernel_counters_say() -> None:
     assert "3060872 packets dropped" in notes[0] and "netdev_max_backlog" in notes[0]
     assert "325981 connections aborted" in notes[1]
     assert "46.7 s" in notes[2]
+
+
+def test_a_client_drops_progress_lines_rather_than_block_on_a_runner_not_reading() -> None:
+    """A client whose stdout pipe is full (the runner busy elsewhere) must go on answering
+    heartbeats: progress lines are offered and dropped, never waited for; the final line, which
+    the runner needs, still waits and arrives after every progress line the pipe took."""
+    code = (
+        "import sys, time\n"
+        "from tidegate.bench.client import emit, offer\n"
+        "sent = 0\n"
+        "while offer('progress', n=sent, pad='x' * 200):\n"
+        "    sent += 1\n"
+        "print(sent, flush=True, file=sys.stderr)\n"
+        "emit('final', sent=sent)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        # Nobody reads stdout yet: an offer that blocked would never get to stderr.
+        ready, _, _ = select.select([proc.stderr], [], [], 60)
+        assert ready, "the client blocked on its full stdout"
+        sent = int(proc.stderr.readline())
+        assert 100 < sent < 1000  # a 64 KiB pipe holds a few hundred 230-byte lines
+        lines = [json.loads(line) for line in proc.stdout.read().splitlines()]
+        assert [m["n"] for m in lines[:-1]] == list(range(sent))
+        assert lines[-1] == {"type": "final", "sent": sent}
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_open_fds_counted_by_a_child_process() -> None:
+    # The bench counts the workers' fds from a child process (its own GIL) at 500k.
+    code = ("import socket, sys, time\n"
+            "s = [socket.socket() for _ in range(50)]\n"
+            "print(1, flush=True)\n"
+            "time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        assert holder.stdout is not None and holder.stdout.readline()
+        dead.wait()
+        counted = procstat.open_fds_elsewhere([holder.pid, dead.pid])
+        here = procstat.open_fds(holder.pid)
+        assert here is not None and here >= 50
+        assert counted == [here, None]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert procstat.open_fds_elsewhere([]) == []

@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import struct
@@ -161,6 +162,7 @@ class Stats:
         "last_established_ns",
         "closes_expected",
         "server_closes",
+        "progress_dropped",
     )
 
     def __init__(self) -> None:
@@ -198,6 +200,7 @@ class Stats:
         # its goodbyes, counted in server_closes, not failures.
         self.closes_expected = False
         self.server_closes = 0
+        self.progress_dropped = 0  # progress lines not sent: the runner's pipe was full
 
     def error(self, reason: str) -> None:
         self.errors[reason] = self.errors.get(reason, 0) + 1
@@ -1096,6 +1099,25 @@ def emit(kind: str, **fields: Any) -> None:
     out.flush()
 
 
+def offer(kind: str, **fields: Any) -> bool:
+    """Like :func:`emit`, but only if the runner has room for the line in our stdout pipe:
+    False (the line dropped) when the pipe is full. For progress lines, snapshots the next one
+    repeats: a client blocked writing to a runner that is busy elsewhere (reading 500,000 fd
+    entries, say) stops answering heartbeats, and the report would measure the runner."""
+    data = (json.dumps({"type": kind, **fields}, separators=(",", ":")) + "\n").encode()
+    if len(data) > select.PIPE_BUF:  # a free pipe slot may not take it whole: wait as emit does
+        emit(kind, **fields)
+        return True
+    fd = sys.stdout.fileno()
+    # A pipe polls writable while a page of it is free, which takes a line this short without
+    # blocking. Not a pipe (a file, a terminal): always writable.
+    if not select.select([], [fd], [], 0)[1]:
+        return False
+    sys.stdout.buffer.flush()
+    os.write(fd, data)
+    return True
+
+
 class ClientProcess:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
@@ -1197,10 +1219,12 @@ class ClientProcess:
         while True:
             snapshot = stats.progress()
             snapshot.update(extra())
-            if snapshot != last or stats.window_rtt_max_us:
-                emit("progress", **snapshot, rtt_max_us=stats.window_rtt_max_us)
+            if (snapshot != last or stats.window_rtt_max_us) and offer(
+                    "progress", **snapshot, rtt_max_us=stats.window_rtt_max_us):
                 stats.window_rtt_max_us = 0
                 last = snapshot
+            elif snapshot != last:
+                stats.progress_dropped += 1
             await asyncio.sleep(interval)
 
     async def run(self) -> None:
@@ -1284,6 +1308,7 @@ def final_fields(stats: Stats, cfg: ClientConfig, *, reason: str, held: int, hel
         "errors": stats.errors,
         "connect_retried": stats.retried,
         "late_pongs": stats.late_pongs,
+        "progress_dropped": stats.progress_dropped,
         "data_frames": stats.data_frames,
         "protocol_errors": stats.protocol_errors,
         "rtt_connect_phase_us": stats.rtt_connect_phase_us.to_dict(),

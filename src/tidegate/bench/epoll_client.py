@@ -46,6 +46,7 @@ from tidegate.bench.client import (
     emit,
     error_reason,
     final_fields,
+    offer,
     walk_frames,
 )
 from tidegate.protocol.heartbeat import DATA, PING, PONG
@@ -431,10 +432,12 @@ class EpollRawClient:
                 next_watchdog = now + int(WATCHDOG_INTERVAL_S * 1e9)
             if now >= next_progress:
                 snapshot = stats.progress()
-                if snapshot != last or stats.window_rtt_max_us:
-                    emit("progress", **snapshot, rtt_max_us=stats.window_rtt_max_us)
+                if (snapshot != last or stats.window_rtt_max_us) and offer(
+                        "progress", **snapshot, rtt_max_us=stats.window_rtt_max_us):
                     stats.window_rtt_max_us = 0
                     last = snapshot
+                elif snapshot != last:
+                    stats.progress_dropped += 1
                 next_progress = now + progress_ns
             if now >= lifetime_end:
                 control.stop("lifetime_exceeded")

@@ -7,6 +7,8 @@ when the process has exited: the report then says ``null`` rather than guessing.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterable
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -114,6 +116,33 @@ def open_fds(pid: int) -> int | None:
         return None
 
 
+_COUNT_FDS = (
+    "import os, sys\n"
+    "for pid in sys.argv[1:]:\n"
+    "    try:\n"
+    "        print(len(os.listdir(f'/proc/{pid}/fd')))\n"
+    "    except OSError:\n"
+    "        print(-1)\n"
+)
+
+
+def open_fds_elsewhere(pids: list[int]) -> list[int | None]:
+    """:func:`open_fds` of each pid, counted by a child process. Listing 500,000 fd entries
+    takes seconds of CPU; done in a thread of this process it holds the GIL in short, frequent
+    grabs that starve this process's event loop (the bench runner's, which reads its clients)."""
+    if not pids:
+        return []
+    try:
+        done = subprocess.run([sys.executable, "-c", _COUNT_FDS, *map(str, pids)],
+                              capture_output=True, text=True, timeout=300, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return [None] * len(pids)
+    counts = [int(line) for line in done.stdout.split()]
+    if len(counts) != len(pids):
+        return [None] * len(pids)
+    return [None if n < 0 else n for n in counts]
+
+
 def bench_client_pids(port: int) -> list[int]:
     """The ``tidegate bench`` client processes aimed at ``port`` (found by their command line:
     for scripts that run the bench and measure its clients from outside)."""
@@ -165,6 +194,25 @@ def meminfo() -> dict[str, int]:
                 continue
             out[name] = number * 1024 if len(parts) > 1 and parts[1].lower() == "kb" else number
     return out
+
+
+HOST_CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def host_cpu_seconds() -> dict[str, float]:
+    """The machine's CPU time so far by kind (the ``cpu`` line of /proc/stat), all cores summed:
+    ``steal`` is time the hypervisor gave our virtual CPUs to someone else."""
+    text = _read_text("/proc/stat") or ""
+    for line in text.splitlines():
+        if line.startswith("cpu "):
+            values = line.split()[1:]
+            return {name: int(value) / CLOCK_TICKS
+                    for name, value in zip(HOST_CPU_FIELDS, values, strict=False)}
+    return {}
+
+
+def host_cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: round(after[name] - before[name], 2) for name in before if name in after}
 
 
 def slab_bytes() -> int | None:

@@ -64,6 +64,9 @@ MIN_CONNECTIONS_PER_CLIENT = 5000
 # here: 100k connections over 6 addresses stalled at ~85k, ~1 ms of system time per connect).
 # A quarter of the range keeps the scans short; loopback has 16 million addresses to spare.
 PORT_RANGE_SHARE_PER_SOURCE = 0.25
+# Up to this many connections the workers' open fds are counted from /proc (an independent
+# check of the spread); past it, each worker's own count is used.
+FD_COUNT_MAX = 100_000
 FIRST_SOURCE = ipaddress.IPv4Address("127.0.0.2")
 LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 
@@ -143,6 +146,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "(default: 30); the hold lasts until then if --hold is shorter")
 
     g = parser.add_argument_group("server")
+    g.add_argument("--fd-count-max", type=int, default=FD_COUNT_MAX, metavar="N",
+                   help="count each worker's open fds from /proc for the per-worker spread up "
+                   "to N connections; past N use the workers' own counts (listing 500,000 fd "
+                   f"entries takes minutes on a busy machine; default {FD_COUNT_MAX})")
     g.add_argument("--scrape-interval", type=_non_negative_float, default=15.0,
                    metavar="SECONDS",
                    help="scrape the server's /metrics this often during the hold and report "
@@ -954,12 +961,23 @@ class Bench:
 
     def measure_server(self, *, detailed: bool) -> dict[str, Any]:
         server = self.server
+        parts: dict[str, float] = {}
+        t = time.perf_counter()
+
+        def took(name: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            parts[name] = round(now - t, 4)
+            t = now
+
         out: dict[str, Any] = {"slab": procstat.slab_bytes(),
                                "mem_available": procstat.meminfo().get("MemAvailable"),
-                               "sockstat": procstat.tcp_sockstat()}
+                               "sockstat": procstat.tcp_sockstat(), "seconds_by_part": parts}
+        took("kernel")
         if server is None or not server.measurable:
             return out
         server.refresh()
+        took("refresh")
         out["workers"] = list(server.workers)
         out["rss_each"] = [procstat.rss_bytes(pid) for pid in server.workers]
         out["rss"] = procstat.sum_known(out["rss_each"])
@@ -968,10 +986,17 @@ class Bench:
         if server.pid is not None:
             out["supervisor_rss"] = procstat.rss_bytes(server.pid)
             out["supervisor_cpu_ticks"] = procstat.cpu_ticks(server.pid)
+        took("rss_cpu")
         if detailed:
             out["pss_each"] = [procstat.pss_bytes(pid) for pid in server.workers]
             out["pss"] = procstat.sum_known(out["pss_each"])
-            out["fds_each"] = [procstat.open_fds(pid) for pid in server.workers]
+            took("pss")
+            # Listing every fd entry costs ~3.5 us each, seconds of CPU at 500k and minutes
+            # when the machine is saturated (112 s in a 500k run, while the hold went on):
+            # past FD_COUNT_MAX connections the server's own per-worker counts are used.
+            if self.args.connections <= self.args.fd_count_max:
+                out["fds_each"] = procstat.open_fds_elsewhere(server.workers)
+                took("fds")
         out["worker_stats"] = server.status.get("worker_stats")
         return out
 
@@ -1017,9 +1042,11 @@ class Bench:
 
         # 3. connect
         cpu_go = self.measure_server(detailed=False).get("cpu_ticks")
+        host = [procstat.host_cpu_seconds()]
         tcp_go = procstat.tcp_ext()
         await self.connect_phase(connect_phase_timeout)
         cpu_connected = self.measure_server(detailed=False).get("cpu_ticks")
+        host.append(procstat.host_cpu_seconds())
         # Machine-wide kernel counters: ListenOverflows/ListenDrops grow when a listener's
         # accept queue is full (the server accepts slower than the clients connect); each such
         # connect then waits for a SYN retransmission (1 s, then 3 s...).
@@ -1029,9 +1056,11 @@ class Bench:
         # 4. hold
         held_figures = await self.hold_phase()
         cpu_held = held_figures.get("cpu_ticks")
+        host.append(procstat.host_cpu_seconds())
 
         # 5. close
         await self.close_phase()
+        host.append(procstat.host_cpu_seconds())
 
         # 6. server: wait until it is quiet, measure, stop
         cpu_end = await self.settle_server()
@@ -1048,6 +1077,12 @@ class Bench:
             "hold": _ticks_delta(ticks[2], ticks[3]),
             "close": _ticks_delta(ticks[3], ticks[4]),
         }
+        # The whole machine's CPU by kind in each phase (both sides of every loopback
+        # connection, the runner, anything else): how busy it was, and any hypervisor steal.
+        self.report["host_cpu_seconds_by_phase"] = (
+            {phase: procstat.host_cpu_delta(a, b) for phase, a, b in
+             zip(("connect", "hold", "close"), host, host[1:], strict=False)}
+            if all(host) else None)
         self.report["server_cpu_percent_of_one_core_during_hold"] = (
             None if self.report["server_cpu_seconds_by_phase"]["hold"] is None
             or not self.report.get("hold_seconds")
@@ -1161,6 +1196,7 @@ class Bench:
                     self.report["held_measurement_seconds"] = round(
                         time.monotonic() - t_measure, 3)
                     self.report["held_measured_at_hold_second"] = round(t_measure - t0, 3)
+                    self.report["held_measurement_seconds_by_part"] = held["seconds_by_part"]
                     held["client_rss"] = procstat.sum_known(
                         procstat.rss_bytes(c.proc.pid) for c in self.clients)
                     held["open"] = _sum(self.clients, "open")
@@ -1228,15 +1264,21 @@ class Bench:
             held_slab - before_slab if held_slab is not None and before_slab is not None else None)
         # Per-worker spread: each accepted connection is one more open fd of its worker.
         fds, fds_before = held.get("fds_each"), self.before.get("fds_each")
+        # The server's own view (the status file's worker_stats, refreshed every second or so).
+        stats = held.get("worker_stats")
+        if stats:
+            r["server_reported_worker_stats_held"] = stats
         if (fds and fds_before and len(fds) == len(fds_before) and None not in fds
                 and None not in fds_before and held.get("workers") == self.before.get("workers")):
             per_worker = [a - b for a, b in zip(fds, fds_before, strict=True)]
             r["server_worker_connections_held"] = per_worker
             r["server_worker_connections_spread"] = _spread(per_worker)
-        # The server's own view (the status file's worker_stats, refreshed every second or so).
-        stats = held.get("worker_stats")
-        if stats:
-            r["server_reported_worker_stats_held"] = stats
+            r["server_worker_connections_counted_by"] = "open fds of each worker"
+        elif stats and all("active" in w for w in stats):
+            per_worker = [int(w["active"]) for w in stats]
+            r["server_worker_connections_held"] = per_worker
+            r["server_worker_connections_spread"] = _spread(per_worker)
+            r["server_worker_connections_counted_by"] = "each worker's own count (status file)"
         return held
 
     async def broadcast_phase(self, t0: float) -> None:
@@ -1615,6 +1657,8 @@ class Bench:
         r["heartbeat_pings_sent"] = total("pings_sent")
         r["heartbeat_pongs_received"] = total("pongs")
         r["heartbeat_late_pongs"] = total("late_pongs")
+        # Progress lines a client dropped rather than block on a runner that was not reading.
+        r["client_progress_lines_dropped"] = total("progress_dropped")
         r["heartbeat_unanswered_at_end"] = total("unanswered_at_end")
         r["server_pings_answered"] = total("server_pings")
         r["protocol_errors"] = total("protocol_errors")
