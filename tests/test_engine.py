@@ -393,23 +393,3 @@ def test_supervisor_runs_at_a_higher_priority_than_its_workers(serve):
     assert all(nice(pid) == os.getpriority(os.PRIO_PROCESS, 0) for pid in st["workers"])
     assert nice(st["pid"]) == os.getpriority(os.PRIO_PROCESS, 0) - 5
 
-
-def test_workers_ask_the_kernel_for_the_scheduler_slice_configured(serve):
-    # --sched-slice-us: each worker's EEVDF slice (so a round over many busy workers is
-    # shorter); the default leaves the kernel's, and the supervisor keeps its own either way.
-    from tidegate.engine import sched
-
-    default = sched.slice_ns(os.getpid())
-    plain = serve("--workers", "1").status()
-    assert sched.slice_ns(plain["workers"][0]) == default
-    st = serve("--workers", "2", "--sched-slice-us", "300").status()
-    assert [sched.slice_ns(pid) for pid in st["workers"]] == [300_000, 300_000]
-    assert sched.slice_ns(st["pid"]) == default
-    # and they still serve
-    with socket.create_connection(("127.0.0.1", int(st["port"]))) as s:
-        assert echo_ok(s)
-
-
-def test_a_scheduler_slice_out_of_the_kernels_range_is_refused(serve):
-    with pytest.raises(RuntimeError, match="sched_slice_us"):
-        serve("--sched-slice-us", "50")

@@ -196,3 +196,30 @@ def test_rejects_nonsense() -> None:
             StallDetector(loop, tick_s=0)
     finally:
         loop.close()
+
+
+def _voluntary_switches(native_id: int) -> int:
+    with open(f"/proc/self/task/{native_id}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches")
+
+
+def test_the_watchdog_of_a_healthy_loop_wakes_about_once_per_threshold(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    # Every wake of an idle worker costs CPU (~60-100 us on a virtual machine): the watchdog
+    # sleeps until a beat would be overdue instead of polling (it polled 4 times a threshold).
+    det = StallDetector(loop, threshold_ms=200, tick_s=0.05)
+    det.start()
+    try:
+        run_for(loop, 0.3)
+        assert det._thread is not None and det._thread.native_id is not None
+        tid = det._thread.native_id
+        before = _voluntary_switches(tid)
+        run_for(loop, 2.0)
+        wakes = _voluntary_switches(tid) - before
+    finally:
+        det.stop()
+    assert 4 <= wakes <= 12, wakes  # ~8 over 2 s (polling at threshold/4 made 40)

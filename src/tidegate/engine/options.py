@@ -114,16 +114,10 @@ class EngineOptions:
     # its turn: at 486k connections a scrape took ~1 s at equal priority. Needs CAP_SYS_NICE;
     # without it the supervisor stays at the workers' priority (logged once).
     supervisor_nice: int = -5
-    # The kernel's scheduler slice for each worker, in us (EEVDF, Linux 6.12+; 0 = the
-    # kernel's default, 1.4 ms on a 2-core host). With more busy workers than cores a shorter
-    # slice makes a round over them shorter, so a worker answers its heartbeats sooner.
-    sched_slice_us: int = 0
     # Where the supervisor writes its JSON status (pids, port, ready); "" = nowhere.
     status_file: str = ""
 
     def validate(self) -> None:
-        if self.sched_slice_us and not 100 <= self.sched_slice_us <= 100_000:
-            raise ValueError("sched_slice_us must be 0 (the kernel's) or 100..100000")
         if self.balance not in ("reuseport", "handoff"):
             raise ValueError(f"balance must be reuseport or handoff, not {self.balance!r}")
         if self.loop not in ("uvloop", "asyncio"):

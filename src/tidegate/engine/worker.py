@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from tidegate import log
-from tidegate.engine import control, gc_control, sched, stealing, tls
+from tidegate.engine import control, gc_control, stealing, tls
 from tidegate.engine.blocking import BlockingPool
 from tidegate.engine.conn import CLOSING, EVICTING, MIGRATING, PING_OUT, READY, Conn
 from tidegate.engine.eviction import EvictionController
@@ -532,10 +532,6 @@ class Worker:
         for h in self.handlers:
             h.on_boot(self)
         self.gc_stats = gc_control.configure(self.opts.gc_gen0_threshold)
-        if self.opts.sched_slice_us:
-            why_not = sched.set_slice(self.opts.sched_slice_us)
-            if why_not:
-                _log.warning("scheduler slice unchanged", extra={"error": why_not})
         gc.callbacks.append(trace.gc_tracer(self.trace))
         self.trace.record_instant(trace.RESTART, self.index, pid=os.getpid())
         if self.ctrl is not None:

@@ -2,9 +2,10 @@
 
 The loop side is ONE timer per worker: a ``loop.call_later(tick_s)`` chain whose callback
 notes when the next beat is due and records how late it ran (the loop lag) in a fixed-bucket
-:class:`~tidegate.observe.histogram.Histogram` (1 ms .. 10 s). A daemon watchdog thread wakes
-every ``threshold/4``; when the beat is overdue by more than ``threshold_ms`` the loop is stuck
-in one callback, so the thread samples the loop thread's Python stack
+:class:`~tidegate.observe.histogram.Histogram` (1 ms .. 10 s). A daemon watchdog thread sleeps
+until the beat now due would be ``threshold_ms`` late; if by then the beat has run, it sleeps
+again until the next one would be; if not, the loop is stuck in one callback, so the thread
+samples the loop thread's Python stack
 (``sys._current_frames()``) and reports the stall once: a ``tidegate.stall`` warning
 ``"loop stall"`` with ``stall_ms`` (so far), ``stack`` and ``gc_ms``, and ``stalls_total`` +1.
 When the loop turns again the late beat logs ``"loop stall ended"`` with the stall's total
@@ -20,17 +21,19 @@ line on. If the loop turns before the watchdog gets to sample, the late beat sti
 stall and logs it as ``"loop stall"`` with ``stack: null``. Every stall is counted once.
 
 Cost (CPython 3.11, uvloop, 2 shared vCPUs): one beat (timer callback, lock, histogram update,
-``call_later`` re-arm) ~2 us, 20 times a second at the default ``tick_s=0.05``: ~40 us of
-loop time a second (0.004%). The watchdog thread wakes 20 times a second
-(``threshold_ms=200``) and reads and compares a float (~0.2 us). The GC hook adds ~0.3 us per
-collection. Nothing runs per connection or per message.
+``call_later`` re-arm) ~2 us of Python, but waking a sleeping process costs ~60-100 us of CPU
+on this virtual machine, so what counts is wakes a second: 10 beats (``tick_s=0.1``) and ~4
+watchdog wakes (``threshold_ms=200``). An idle worker costs 2.8 ms of CPU a second with it,
+1.0 without; 4.9 when the watchdog polled at threshold/4 and the beat ran every 50 ms
+(``bench/results/2026-11-27-idle-worker-cpu-stall-detector.json``). The GC hook adds
+~0.3 us per collection. Nothing runs per connection or per message.
 
 Wiring:
     Worker.serve, once the loop runs (in the worker, after fork: threads do not survive
     fork, so never start one in the supervisor)::
 
         from tidegate.observe.stall import StallDetector
-        self.stall = StallDetector(self.loop, threshold_ms=200, tick_s=0.05)
+        self.stall = StallDetector(self.loop, threshold_ms=200)
         self.stall.start()
 
     Worker.stats()::
@@ -77,7 +80,7 @@ class StallDetector:
         self,
         loop: asyncio.AbstractEventLoop,
         threshold_ms: float = 200.0,
-        tick_s: float = 0.05,
+        tick_s: float = 0.1,
         logger: logging.Logger | None = None,
     ) -> None:
         if threshold_ms <= 0 or tick_s <= 0:
@@ -85,7 +88,7 @@ class StallDetector:
         self.loop = loop
         self.threshold_s = threshold_ms / 1000.0
         self.tick_s = tick_s
-        self.poll_s = max(self.threshold_s / 4, 0.001)
+        self.poll_s = 0.001  # the shortest watchdog sleep (it wakes when a beat is overdue)
         self.lag = Histogram(LAG_BOUNDS)  # how late each beat ran, seconds
         self.lag_max_s = 0.0
         self.stalls_total = 0
@@ -205,11 +208,21 @@ class StallDetector:
 
     # ---- the watchdog thread --------------------------------------------------------
     def _watch(self) -> None:
-        while not self._stop.wait(self.poll_s):
+        # Asleep until the beat now due would be overdue, not polling: every wake of an idle
+        # worker costs ~60-100 us of CPU on a virtual machine, and polling at threshold/4
+        # made this thread most of an idle worker's CPU. Each wake finds the beat moved on
+        # (due later) and sleeps again: ~1 wake per threshold while the loop is healthy.
+        while not self._stop.wait(self._until_overdue()):
             try:
                 self._check()
             except Exception:  # never let the watchdog die silently
                 self._log.exception("stall watchdog failed")
+
+    def _until_overdue(self) -> float:
+        due = self._due
+        if not due or due == self._reported:  # not beating, or this stall already reported
+            return self.threshold_s
+        return max(due + self.threshold_s - time.monotonic(), self.poll_s)
 
     def _check(self) -> None:
         due = self._due
