@@ -435,6 +435,9 @@ def test_bench_run_against_its_own_server(tmp_path: Path) -> None:
     assert set(hold) >= {"user", "system", "softirq", "idle", "steal"}
     assert sum(hold.values()) == pytest.approx(os.cpu_count() * r["hold_seconds"], rel=0.25)
     assert r["client_progress_lines_dropped"] == 0
+    # The workers sleep between the heartbeats of the hold: each sleep a wake to pay for.
+    hold_switches = r["server_context_switches_by_phase"]["hold"]
+    assert hold_switches["voluntary"] > 0 and hold_switches["involuntary"] >= 0
 
 
 def test_bench_past_the_fd_count_takes_the_workers_own_counts(tmp_path: Path) -> None:

@@ -45,6 +45,20 @@ def status_bytes(pid: int, field: str) -> int | None:
     return None if text is None else _kib_field(text, field)
 
 
+def context_switches(pid: int) -> tuple[int, int] | None:
+    """(voluntary, involuntary) context switches of ``pid``'s main thread so far: a voluntary
+    one is the process going to sleep (each costs a wake later), an involuntary one the
+    scheduler taking the CPU from it while it had work."""
+    text = _read_text(f"/proc/{pid}/status")
+    if text is None:
+        return None
+    voluntary = _kib_field(text, "voluntary_ctxt_switches")
+    involuntary = _kib_field(text, "nonvoluntary_ctxt_switches")
+    if voluntary is None or involuntary is None:
+        return None
+    return voluntary, involuntary
+
+
 def rss_bytes(pid: int) -> int | None:
     return status_bytes(pid, "VmRSS")
 
@@ -166,6 +180,19 @@ def alive(pid: int) -> bool:
         return False
     state = text[text.rfind(")") + 2 : text.rfind(")") + 3]
     return state not in ("Z", "X", "")
+
+
+def sum_pairs(pairs: Iterable[tuple[int, int] | None]) -> tuple[int, int] | None:
+    """Element-wise sum of the pairs, or ``None`` if any is unknown (or there are none)."""
+    first = second = 0
+    seen = False
+    for pair in pairs:
+        if pair is None:
+            return None
+        first += pair[0]
+        second += pair[1]
+        seen = True
+    return (first, second) if seen else None
 
 
 def sum_known(values: Iterable[int | None]) -> int | None:

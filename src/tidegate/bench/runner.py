@@ -983,6 +983,8 @@ class Bench:
         out["rss"] = procstat.sum_known(out["rss_each"])
         out["cpu_ticks"] = server.cpu_ticks()
         out["cpu_ticks_each"] = [procstat.cpu_ticks(pid) for pid in server.workers]
+        out["switches"] = procstat.sum_pairs(
+            procstat.context_switches(pid) for pid in server.workers)
         if server.pid is not None:
             out["supervisor_rss"] = procstat.rss_bytes(server.pid)
             out["supervisor_cpu_ticks"] = procstat.cpu_ticks(server.pid)
@@ -1041,11 +1043,15 @@ class Bench:
         self.phases["clients_start"] = time.monotonic() - t
 
         # 3. connect
-        cpu_go = self.measure_server(detailed=False).get("cpu_ticks")
+        go = self.measure_server(detailed=False)
+        cpu_go = go.get("cpu_ticks")
+        switches = [go.get("switches")]
         host = [procstat.host_cpu_seconds()]
         tcp_go = procstat.tcp_ext()
         await self.connect_phase(connect_phase_timeout)
-        cpu_connected = self.measure_server(detailed=False).get("cpu_ticks")
+        connected = self.measure_server(detailed=False)
+        cpu_connected = connected.get("cpu_ticks")
+        switches.append(connected.get("switches"))
         host.append(procstat.host_cpu_seconds())
         # Machine-wide kernel counters: ListenOverflows/ListenDrops grow when a listener's
         # accept queue is full (the server accepts slower than the clients connect); each such
@@ -1056,6 +1062,7 @@ class Bench:
         # 4. hold
         held_figures = await self.hold_phase()
         cpu_held = held_figures.get("cpu_ticks")
+        switches.append(held_figures.get("switches"))
         host.append(procstat.host_cpu_seconds())
 
         # 5. close
@@ -1083,6 +1090,13 @@ class Bench:
             {phase: procstat.host_cpu_delta(a, b) for phase, a, b in
              zip(("connect", "hold", "close"), host, host[1:], strict=False)}
             if all(host) else None)
+        # The workers' context switches (main threads, summed) in the connect and hold
+        # phases: voluntary = went to sleep (a wake to pay for later), involuntary = preempted.
+        known = [pair for pair in switches if pair is not None]
+        self.report["server_context_switches_by_phase"] = (
+            {phase: {"voluntary": b[0] - a[0], "involuntary": b[1] - a[1]} for phase, a, b in
+             zip(("connect", "hold"), known, known[1:], strict=False)}
+            if len(known) == len(switches) else None)
         self.report["server_cpu_percent_of_one_core_during_hold"] = (
             None if self.report["server_cpu_seconds_by_phase"]["hold"] is None
             or not self.report.get("hold_seconds")
