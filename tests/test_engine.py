@@ -392,4 +392,3 @@ def test_supervisor_runs_at_a_higher_priority_than_its_workers(serve):
 
     assert all(nice(pid) == os.getpriority(os.PRIO_PROCESS, 0) for pid in st["workers"])
     assert nice(st["pid"]) == os.getpriority(os.PRIO_PROCESS, 0) - 5
-

@@ -209,7 +209,7 @@ def _voluntary_switches(native_id: int) -> int:
 def test_the_watchdog_of_a_healthy_loop_wakes_about_once_per_threshold(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
-    # Every wake of an idle worker costs CPU (~60-100 us on a virtual machine): the watchdog
+    # Every wake of an idle worker costs CPU (~70-100 us on a virtual machine): the watchdog
     # sleeps until a beat would be overdue instead of polling (it polled 4 times a threshold).
     det = StallDetector(loop, threshold_ms=200, tick_s=0.05)
     det.start()

@@ -21,7 +21,7 @@ line on. If the loop turns before the watchdog gets to sample, the late beat sti
 stall and logs it as ``"loop stall"`` with ``stack: null``. Every stall is counted once.
 
 Cost (CPython 3.11, uvloop, 2 shared vCPUs): one beat (timer callback, lock, histogram update,
-``call_later`` re-arm) ~2 us of Python, but waking a sleeping process costs ~60-100 us of CPU
+``call_later`` re-arm) ~2 us of Python, but waking a sleeping process costs ~70-100 us of CPU
 on this virtual machine, so what counts is wakes a second: 10 beats (``tick_s=0.1``) and ~4
 watchdog wakes (``threshold_ms=200``). An idle worker costs 2.8 ms of CPU a second with it,
 1.0 without; 4.9 when the watchdog polled at threshold/4 and the beat ran every 50 ms
@@ -209,7 +209,7 @@ class StallDetector:
     # ---- the watchdog thread --------------------------------------------------------
     def _watch(self) -> None:
         # Asleep until the beat now due would be overdue, not polling: every wake of an idle
-        # worker costs ~60-100 us of CPU on a virtual machine, and polling at threshold/4
+        # worker costs ~70-100 us of CPU on a virtual machine, and polling at threshold/4
         # made this thread most of an idle worker's CPU. Each wake finds the beat moved on
         # (due later) and sleeps again: ~1 wake per threshold while the loop is healthy.
         while not self._stop.wait(self._until_overdue()):
