@@ -434,6 +434,7 @@ def test_bench_run_against_its_own_server(tmp_path: Path) -> None:
     hold = r["host_cpu_seconds_by_phase"]["hold"]
     assert set(hold) >= {"user", "system", "softirq", "idle", "steal"}
     assert sum(hold.values()) == pytest.approx(os.cpu_count() * r["hold_seconds"], rel=0.25)
+    assert "machine idle % connect / hold" in output  # a saturated machine shows at a glance
     assert r["client_progress_lines_dropped"] == 0
     # The workers sleep between the heartbeats of the hold: each sleep a wake to pay for.
     hold_switches = r["server_context_switches_by_phase"]["hold"]
@@ -705,3 +706,11 @@ def test_open_fds_counted_by_a_child_process() -> None:
         holder.kill()
         holder.wait()
     assert procstat.open_fds_elsewhere([]) == []
+
+
+def test_idle_percent_of_a_phase() -> None:
+    from tidegate.bench.runner import _idle_percent
+
+    assert _idle_percent({"user": 1.0, "system": 0.5, "softirq": 0.5, "idle": 6.0}) == 75.0
+    assert _idle_percent({"user": 120.0, "idle": 0.0}) == 0.0  # saturated
+    assert _idle_percent(None) is None and _idle_percent({}) is None

@@ -1876,6 +1876,11 @@ class Bench:
         line("server marginal bytes per connection", r.get("server_marginal_bytes_per_connection"))
         line("kernel slab delta (MiB)", _mib(r.get("kernel_slab_bytes_delta")))
         line("server cpu seconds", r.get("server_cpu_seconds"))
+        host = r.get("host_cpu_seconds_by_phase")
+        if host:
+            # Saturated cores explain a bad run better than anything the server reports.
+            line("machine idle % connect / hold", " / ".join(
+                f"{_idle_percent(host.get(phase))}" for phase in ("connect", "hold")))
         if r.get("drain_connections") is not None:
             line("drained connections / seconds / max per s",
                  f"{r.get('drain_connections')} / {r.get('drain_seconds')} / "
@@ -1935,6 +1940,14 @@ BROADCAST_KEYS = (
     "broadcast_latency_ms_p50", "broadcast_latency_ms_p99", "broadcast_last_delivery_s",
     "deliveries_lost", "server_cpu_us_per_delivery",
 )
+
+
+def _idle_percent(cpu: dict[str, float] | None) -> float | None:
+    """The share of the machine's CPU time that was idle, from a phase's /proc/stat delta."""
+    if not cpu:
+        return None
+    total = sum(cpu.values())
+    return round(100 * cpu.get("idle", 0.0) / total, 1) if total > 0 else None
 
 
 def _spread(values: list[int]) -> dict[str, float | int]:
