@@ -130,13 +130,12 @@ def open_fds(pid: int) -> int | None:
         return None
 
 
-_COUNT_FDS = (
-    "import os, sys\n"
+_COUNT_FDS = (  # the child runs open_fds itself: one line per pid, -1 when unknown
+    "import sys\n"
+    "from tidegate.bench.procstat import open_fds\n"
     "for pid in sys.argv[1:]:\n"
-    "    try:\n"
-    "        print(len(os.listdir(f'/proc/{pid}/fd')))\n"
-    "    except OSError:\n"
-    "        print(-1)\n"
+    "    n = open_fds(int(pid))\n"
+    "    print(-1 if n is None else n)\n"
 )
 
 

@@ -88,7 +88,7 @@ class StallDetector:
         self.loop = loop
         self.threshold_s = threshold_ms / 1000.0
         self.tick_s = tick_s
-        self.poll_s = 0.001  # the shortest watchdog sleep (it wakes when a beat is overdue)
+        self.min_sleep_s = 0.001  # the watchdog's shortest sleep (it wakes when a beat is overdue)
         self.lag = Histogram(LAG_BOUNDS)  # how late each beat ran, seconds
         self.lag_max_s = 0.0
         self.stalls_total = 0
@@ -222,7 +222,7 @@ class StallDetector:
         due = self._due
         if not due or due == self._reported:  # not beating, or this stall already reported
             return self.threshold_s
-        return max(due + self.threshold_s - time.monotonic(), self.poll_s)
+        return max(due + self.threshold_s - time.monotonic(), self.min_sleep_s)
 
     def _check(self) -> None:
         due = self._due
