@@ -229,3 +229,58 @@ def test_members_message_is_parsed_and_never_leaves_the_ring_empty():
     assert list(b.ring.members) == [1]
     b._on_members(b"0,1,2,7")  # an index past the worker count is ignored
     assert sorted(b.ring.members) == [0, 1, 2]
+
+
+class CountingSupervisor(FakeSupervisor):
+    """Counts the directed messages each worker sends."""
+
+    def __init__(self, n: int) -> None:
+        self.sent: list[tuple[int, int, bytes]] = []  # (from, to, first byte of the body)
+        super().__init__(n)
+
+    def route(self, src: int, kind: bytes, body: bytes) -> None:
+        if kind == control.TO:
+            self.sent.append((src, int.from_bytes(body[:2], "big"), body[2:3]))
+        super().route(src, kind, body)
+
+
+def test_presence_updates_to_an_owner_go_as_one_message_per_turn_each_way() -> None:
+    """A hot channel's subscribes: a worker's presence updates of one loop turn reach the
+    owner in one message, the owner's answers come back in one, and every update lands."""
+
+    async def main() -> None:
+        sup = CountingSupervisor(3)
+        ch = "hot"
+        owner = sup.brokers[0].owner(ch)
+        caller = next(i for i in range(3) if i != owner)
+        b = sup.brokers[caller]
+        infos = [ClientInfo(client=f"c{i}", user=f"u{i}") for i in range(50)]
+        await asyncio.sleep(0.05)  # the workers' hellos to each other are done
+        sup.sent.clear()
+        await asyncio.gather(*(b.add_presence(ch, info) for info in infos))
+        await asyncio.gather(b.remove_presence(ch, "c0"), b.remove_presence(ch, "c1"))
+        assert await b.presence_stats(ch) == (48, 48)
+        there = [(s, t) for s, t, _ in sup.sent if {s, t} == {caller, owner}]
+        # adds: one batch there, one back; removes: the same; the stats read: one each way
+        assert there == [(caller, owner), (owner, caller)] * 3, sup.sent
+        assert b.stats()["broker_batched_messages_total"] == 52
+        assert sup.brokers[owner].stats()["broker_batches_sent_total"] == 2
+
+    asyncio.run(main())
+
+
+def test_a_message_sent_at_once_follows_the_batched_ones_before_it() -> None:
+    """Order per worker is kept: an immediate call flushes what waits for the end of the turn,
+    so a presence read right after an update sees the update."""
+
+    async def main() -> None:
+        sup = CountingSupervisor(2)
+        ch = "room"
+        owner = sup.brokers[0].owner(ch)
+        b = sup.brokers[1 - owner]
+        add = asyncio.ensure_future(b.add_presence(ch, ClientInfo(client="a", user="u")))
+        await asyncio.sleep(0)  # the add waits in the outbox
+        assert set(await b.presence(ch)) == {"a"}
+        await add
+
+    asyncio.run(main())
