@@ -407,6 +407,8 @@ def test_bench_run_against_its_own_server(tmp_path: Path) -> None:
     assert r["client_loop"] == "epoll"  # raw's default
     assert r["client_processes"] == 2
     assert r["client_nice"] == 0 and r["client_nice_observed"] == [os.nice(0)]
+    # SCHED_BATCH by default: a client woken by a worker's write does not preempt it
+    assert r["client_sched"] == "batch" and r["client_sched_observed"] == ["batch"]
     # one scheduling group for the whole load generator: the bench's own session
     assert r["clients_in_bench_session"] is True and r["client_session_count"] == 1
     assert r["source_addresses"] == ["127.0.0.2", "127.0.0.3"]
@@ -458,10 +460,11 @@ def test_bench_uvloop_client_still_runs_and_the_report_names_the_loop(tmp_path: 
     n = 600
     code, r, output = _bench(tmp_path, "--connections", str(n), "--clients", "1", "--hold", "2",
                              "--ping-interval", "1", "--client-loop", "uvloop", "--no-progress",
-                             "--client-nice", "5")
+                             "--client-nice", "5", "--client-sched", "normal")
     assert code == 0, output
     _assert_clean_counts(r, n)
     assert r["client_loop"] == "uvloop"
+    assert r["client_sched"] == "normal" and r["client_sched_observed"] == ["normal"]
     # --client-nice: the clients yield the cores to the server, and the report says so
     assert r["client_nice"] == 5 and r["client_nice_observed"] == [os.nice(0) + 5]
     assert r["clients_in_bench_session"] is False and r["client_session_count"] == 1

@@ -47,6 +47,7 @@ from tidegate.bench.client import (
     error_reason,
     final_fields,
     offer,
+    sched_policy,
     walk_frames,
 )
 from tidegate.protocol.heartbeat import DATA, PING, PONG
@@ -400,7 +401,8 @@ class EpollRawClient:
         start = time.monotonic_ns()
         lifetime_end = start + int(cfg.lifetime_s * 1e9)
         emit("ready", pid=os.getpid(), nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-             nice=os.nice(0), autogroup_nice=autogroup_nice(), sid=os.getsid(0))
+             nice=os.nice(0), autogroup_nice=autogroup_nice(), sid=os.getsid(0),
+             sched=sched_policy())
         while not control.go.is_set():
             self._poll_once(1.0)
             if time.monotonic_ns() > lifetime_end:

@@ -191,6 +191,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="run the client processes at this nice value (0-19; default 0). On a "
                    "machine the server shares with its load generator, the workers then get "
                    "the cores first, as if the clients ran elsewhere; the report says so")
+    g.add_argument("--client-sched", choices=("batch", "normal"), default="batch",
+                   help="the clients' scheduling policy (default: batch). batch: SCHED_BATCH, "
+                   "so a client woken by a server worker's write does not preempt that worker "
+                   "(on loopback it did, 2-3 times per WebSocket connect), as clients on other "
+                   "machines could not; normal: SCHED_OTHER")
     g.add_argument("--max-inflight", type=_positive_int, default=500, metavar="M",
                    help="connects in flight per client process (default: 500)")
     g.add_argument("--connect-timeout", type=_positive_float, default=15.0, metavar="SECONDS",
@@ -521,6 +526,7 @@ class Client:
     nice: int | None = None  # the process's nice value, as it reported it when ready
     autogroup_nice: int | None = None  # its session's (None: no autogroup scheduling)
     sid: int | None = None  # its session id
+    sched: str | None = None  # its scheduling policy, as it reported it
 
     def take_rtt_max(self) -> int:
         value, self.window_rtt_max_us = self.window_rtt_max_us, 0
@@ -553,6 +559,7 @@ class Client:
                 self.nice = msg.get("nice")
                 self.autogroup_nice = msg.get("autogroup_nice")
                 self.sid = msg.get("sid")
+                self.sched = msg.get("sched")
                 self.ready.set()
             elif kind == "progress":
                 self.latest = msg
@@ -769,6 +776,7 @@ class Bench:
             "config": {k: v for k, v in sorted(vars(a).items()) if not callable(v)},
             "client_loop": self.client_loop,
             "client_nice": a.client_nice,  # > 0: the clients yielded the cores to the server
+            "client_sched": a.client_sched,
             "client_sessions": ("one each, its scheduling group niced" if a.client_nice else
                                 "the bench's own (one scheduling group for all clients)"),
             "host": {
@@ -921,7 +929,7 @@ class Bench:
                 close_mode=a.close_mode, hello=a.hello, established_on=a.established_on,
                 lifetime_s=lifetime_s, loop=self.client_loop, channel=a.channel,
                 broadcast_count=a.broadcast_count if self.broadcast_on else 0,
-                nice=a.client_nice)
+                nice=a.client_nice, sched_batch=a.client_sched == "batch")
             log_path = os.path.join(self.workdir, f"client-{plan.index}.log")
             client_env = env
             if self.ws:  # the token goes in the environment, not on the command line
@@ -1699,6 +1707,7 @@ class Bench:
         r["client_max_rss_bytes_per_process"] = max(
             (int(f.get("max_rss_bytes", 0)) for f in finals), default=None)
         r["client_nice_observed"] = sorted({c.nice for c in self.clients if c.nice is not None})
+        r["client_sched_observed"] = sorted({c.sched for c in self.clients if c.sched})
         r["client_autogroup_nice_observed"] = sorted(
             {c.autogroup_nice for c in self.clients if c.autogroup_nice is not None})
         sids = {c.sid for c in self.clients if c.sid is not None}
