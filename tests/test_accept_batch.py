@@ -27,10 +27,12 @@ def _burst_while_stopped(srv: Any, n: int) -> list[socket.socket]:
     return clients
 
 
-@pytest.mark.parametrize("batch", [64, 0])
-def test_a_burst_of_connections_is_accepted_in_few_turns(serve: Any, batch: int) -> None:
+@pytest.mark.parametrize(("batch", "loop"), [(64, "uvloop"), (64, "asyncio"), (0, "uvloop")])
+def test_a_burst_of_connections_is_accepted_in_few_turns(serve: Any, batch: int,
+                                                         loop: str) -> None:
     n = 300
-    srv = serve("--workers", "1", "--accept-batch", str(batch), "--backlog", "1024")
+    srv = serve("--workers", "1", "--accept-batch", str(batch), "--backlog", "1024",
+                "--loop", loop)
     clients = _burst_while_stopped(srv, n)
     try:
         assert all(echo_ok(s) for s in clients)  # every one served, none refused

@@ -82,7 +82,8 @@ class EngineOptions:
     # worker's accept rate is its turn rate (at 27 workers on 2 cores a turn is ~200 us of CPU).
     # N > 0: the worker accepts up to N per turn itself and hands each socket to the loop
     # (130,000 connections over 27 workers: 8,000-8,300 connects/s and 138-144 us of server
-    # CPU per connect, against 4,500-5,100/s and 240-278 us); 0: uvloop's server.
+    # CPU per connect, against 4,500-5,100/s and 240-278 us), at ~70 B more per connection
+    # (uvloop's connect_accepted_socket copies the context for each); 0: uvloop's server.
     accept_batch: int = 64
     # Admission limits: 0 = off. The accept rate is for the whole node (split over workers).
     max_connections_per_ip: int = 0

@@ -105,6 +105,9 @@ class Worker:
         self.active = 0
         self.accepted_total = 0
         self.accept_turns = 0  # loop turns that accepted (accept_batch > 0)
+        # uvloop: accepted fds go to connect_accepted_socket in this one stand-in (see
+        # AcceptedFd); the stdlib loop gets a socket object each.
+        self._accepted_fd: AcceptedFd | None = None
         self.refused_total = 0
         self.refusals: collections.Counter[str] = collections.Counter()
         self._tokens = 0.0
@@ -494,9 +497,14 @@ class Worker:
     def _accept_ready(self, sock: socket.socket, conn_class: type[Conn]) -> None:
         """Accept up to ``accept_batch`` of the connections waiting, in this turn."""
         self.accept_turns += 1
+        fd_only = self._accepted_fd
         for _ in range(self.opts.accept_batch):
             try:
-                new, _addr = sock.accept()
+                if fd_only is not None:
+                    fd_only.fd, _addr = sock._accept()  # type: ignore[attr-defined]
+                    new: Any = fd_only
+                else:
+                    new, _addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -567,6 +575,8 @@ class Worker:
             if self.opts.accept_batch > 0:
                 if not self._listen_socks[:-1]:
                     await self._open_stream_reserve()
+                    if type(self.loop).__module__.startswith("uvloop"):
+                        self._accepted_fd = AcceptedFd(sock.family)
                 self.loop.add_reader(sock.fileno(), self._accept_ready, sock, conn_class)
                 continue
             self._servers.append(
@@ -730,7 +740,30 @@ class Worker:
         self.tasks.uninstall()
 
 
-def _step(coro: Any, sock: socket.socket, _done: Any = None) -> None:
+class AcceptedFd:
+    """What uvloop's ``connect_accepted_socket`` is given for an fd the worker accepted.
+
+    uvloop reads a socket's type, family and fd once, before the coroutine's first wait, and
+    then keeps the object only to detach or close it when the transport closes (libuv closes
+    the fd itself). A ``socket.socket`` kept that way cost every connection ~170 B (18,000
+    connections on one worker: 1,651 B each against 1,483 with uvloop's own server); this one
+    object serves every accept of the worker, refilled before each call."""
+
+    __slots__ = ("fd", "family")
+    type = socket.SOCK_STREAM
+
+    def __init__(self, family: int) -> None:
+        self.fd = -1
+        self.family = family
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        """The transport's fd is libuv's to close."""
+
+
+def _step(coro: Any, sock: Any, _done: Any = None) -> None:
     """Run ``connect_accepted_socket``'s coroutine to its next wait (for connection_made, or
     a TLS handshake) and resume it when that is done: a task without the task's cost."""
     try:
