@@ -515,11 +515,11 @@ class IpcBroker(Broker):
                 else:
                     fut.set_exception(msg[3])
             return
-        rid, origin, name, args, _kw, _tp, hops = msg
+        rid, origin, name, args, kw, _tp, hops = msg
         inline = self._inline.get(name)
         if inline is not None and (hops or self.owner(args[0]) == self.index):
             try:
-                reply: tuple[Any, ...] = (rid, None, True, inline(*args))
+                reply: tuple[Any, ...] = (rid, None, True, inline(*args, **kw))
             except Exception as exc:
                 reply = (rid, None, False, exc)
             self._answer(origin, reply, batch=True)

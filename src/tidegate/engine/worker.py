@@ -498,6 +498,8 @@ class Worker:
         """Accept up to ``accept_batch`` of the connections waiting, in this turn."""
         self.accept_turns += 1
         fd_only = self._accepted_fd
+        if fd_only is not None:
+            fd_only.family = sock.family  # the listeners may differ (IPv4, IPv6)
         for _ in range(self.opts.accept_batch):
             try:
                 if fd_only is not None:
