@@ -1405,7 +1405,7 @@ def set_sched_batch() -> None:
     """Run this process (its threads to come included) under SCHED_BATCH: the scheduler does
     not let it preempt the running task when it wakes. On loopback every write of a server
     worker wakes a client, which then preempted the worker at once; 60,000 WebSocket connects
-    over 27 workers: 36-41k preemptions of the workers instead of 119-149k, 662-729 us of
+    over 27 workers: 36-43k preemptions of the workers instead of 119-149k, 662-768 us of
     server CPU per connection instead of 868-1,068, 1.3x the connects per second
     (``bench/results/2026-11-27-ws-60k-client-sched-batch.json``). Clients on other machines
     cannot preempt the server at all."""
