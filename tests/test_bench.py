@@ -409,6 +409,7 @@ def test_bench_run_against_its_own_server(tmp_path: Path) -> None:
     assert r["client_nice"] == 0 and r["client_nice_observed"] == [os.nice(0)]
     # SCHED_BATCH by default: a client woken by a worker's write does not preempt it
     assert r["client_sched"] == "batch" and r["client_sched_observed"] == ["batch"]
+    assert r["max_inflight_per_client"] == 500  # 2,160 over 2 clients, capped at 500 each
     # one scheduling group for the whole load generator: the bench's own session
     assert r["clients_in_bench_session"] is True and r["client_session_count"] == 1
     assert r["source_addresses"] == ["127.0.0.2", "127.0.0.3"]

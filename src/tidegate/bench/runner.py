@@ -64,6 +64,13 @@ MIN_CONNECTIONS_PER_CLIENT = 5000
 # here: 100k connections over 6 addresses stalled at ~85k, ~1 ms of system time per connect).
 # A quarter of the range keeps the scans short; loopback has 16 million addresses to spare.
 PORT_RANGE_SHARE_PER_SOURCE = 0.25
+# Connects in flight, all clients together (--max-inflight's default: this over the clients, at
+# most the per-client cap). 500 each for 27 clients put 13,500 WebSocket handshakes in flight at
+# once on 2 cores: 60,000 presence subscribes then waited longer than the broker's 5 s timeout
+# and only 5,584 got in (bench/results/2026-11-27-ws-60k-presence-batching.json); the 500k runs
+# use 80 a client (2,160 in all).
+INFLIGHT_TOTAL = 2160
+INFLIGHT_MAX_PER_CLIENT = 500
 # Up to this many connections the workers' open fds are counted from /proc (an independent
 # check of the spread); past it, each worker's own count is used.
 FD_COUNT_MAX = 100_000
@@ -196,8 +203,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "so a client woken by a server worker's write does not preempt that worker "
                    "(on loopback it did, 2-3 times per WebSocket connect), as clients on other "
                    "machines could not; normal: SCHED_OTHER")
-    g.add_argument("--max-inflight", type=_positive_int, default=500, metavar="M",
-                   help="connects in flight per client process (default: 500)")
+    g.add_argument("--max-inflight", type=_positive_int, default=None, metavar="M",
+                   help=f"connects in flight per client process (default: {INFLIGHT_TOTAL:,} "
+                   f"over the client processes, at most {INFLIGHT_MAX_PER_CLIENT} each)")
     g.add_argument("--connect-timeout", type=_positive_float, default=15.0, metavar="SECONDS",
                    help="timeout of one connect (default: 15)")
     g.add_argument("--connect-retries", type=int, default=0, metavar="N",
@@ -1019,6 +1027,8 @@ class Bench:
             self.load_gateway_config()
         plans = plan_clients(a.connections, limits[0], clients=a.clients,
                              port_range=procstat.ip_local_port_range())
+        if a.max_inflight is None:
+            a.max_inflight = max(1, min(INFLIGHT_MAX_PER_CLIENT, INFLIGHT_TOTAL // len(plans)))
         self._base_report(plans, limits)
         connect_phase_timeout = a.connect_phase_timeout or max(
             60.0, a.connections / (250 if self.ws else 2000))
