@@ -23,7 +23,8 @@ def _read_text(path: str) -> str | None:
 
 
 def _kib_field(text: str, name: str) -> int | None:
-    """The value of a ``Name:   1234 kB`` line, in bytes."""
+    """The value of a ``Name:   1234 kB`` line, in bytes; of a line without a unit (a
+    counter such as ``voluntary_ctxt_switches``), the number as it is."""
     prefix = name + ":"
     for line in text.splitlines():
         if line.startswith(prefix):
