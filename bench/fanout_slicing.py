@@ -74,7 +74,14 @@ from tidegate.gateway.config import load_config  # noqa: E402
 from tidegate.observe.histogram import Histogram  # noqa: E402
 
 DATE = "2026-11-27"
-MODES = {"chunked": "5", "inline": "0"}  # --slice-ms of the server
+# The server's arguments per mode: "gated" is the default engine (run-queue slices, long jobs
+# behind the CPU gate: engine/cpu_gate.py), "chunked" the slices without the gate, "inline"
+# neither (each fan-out in one go).
+MODES = {
+    "gated": ["--slice-ms", "5", "--long-job-workers", "0"],
+    "chunked": ["--slice-ms", "5", "--long-job-workers", "-1"],
+    "inline": ["--slice-ms", "0"],
+}
 
 
 # ---------------------------------------------------------------------- the probes
@@ -138,12 +145,16 @@ def schedstat(pid: int) -> tuple[int, int] | None:
 
 
 async def watch_status(path: Path, timeline: list[tuple[float, dict[str, Any]]],
-                       sched: list[tuple[float, tuple[int, int]]], stop: asyncio.Event) -> None:
+                       sched: list[tuple[float, tuple[int, int]]], stop: asyncio.Event,
+                       gate: dict[str, Any]) -> None:
     """Keep (time, worker 0's stats) as the status file changes (about once a second), and
-    the worker's scheduler counters four times a second."""
+    the worker's scheduler counters four times a second; ``gate``: the node's CPU gate as last
+    seen while every worker was up."""
     last = None
     while not stop.is_set():
         st = await read_status(path)
+        if st.get("cpu_gate") and not st.get("draining"):
+            gate.update(st["cpu_gate"])
         ws = (st.get("worker_stats") or [None])[0]
         if ws and ws != last:
             timeline.append((time.time(), ws))
@@ -171,7 +182,7 @@ async def run_mode(mode: str, args: argparse.Namespace, token: str, workdir: Pat
            "--broadcast-rate", str(args.rate),
            "--broadcast-count", str(args.count), "--broadcast-timeout", str(args.timeout),
            "--channel", args.channel, "--no-progress", "--json", str(report_path),
-           "--logs-dir", str(logs), "--server-arg=--slice-ms", f"--server-arg={MODES[mode]}",
+           "--logs-dir", str(logs), *(f"--server-arg={a}" for a in MODES[mode]),
            "--server-arg=--stall-threshold-ms", "--server-arg=200", *args.bench_arg]
     print(f"[{mode}] {' '.join(cmd[2:])}", flush=True)
     t0 = time.monotonic()
@@ -186,6 +197,7 @@ async def run_mode(mode: str, args: argparse.Namespace, token: str, workdir: Pat
     timeline: list[tuple[float, dict[str, Any]]] = []
     sched: list[tuple[float, tuple[int, int]]] = []
     probes: list[Probe] = []
+    gate: dict[str, Any] = {}
     tasks: list[asyncio.Task[None]] = []
     output = asyncio.create_task(proc.stdout.read() if proc.stdout else asyncio.sleep(0))
     # the server's port, once it is up
@@ -198,7 +210,7 @@ async def run_mode(mode: str, args: argparse.Namespace, token: str, workdir: Pat
         probes = [Probe(url, token, args.channel, args.probe_interval, args.count)
                   for _ in range(args.probes)]
         tasks = [asyncio.create_task(p.run(stop)) for p in probes]
-        tasks.append(asyncio.create_task(watch_status(status_path, timeline, sched, stop)))
+        tasks.append(asyncio.create_task(watch_status(status_path, timeline, sched, stop, gate)))
     try:
         await proc.wait()
     finally:
@@ -216,6 +228,8 @@ async def run_mode(mode: str, args: argparse.Namespace, token: str, workdir: Pat
     # the bench stops waiting (and closes every connection) this long after the first publish
     cutoff_s = (args.count - 1) / args.rate + args.timeout
     out = summarize(mode, bench, probes, timeline, sched, cutoff_s)
+    out["server_args"] = MODES[mode]
+    out["cpu_gate"] = gate or None
     out["run_seconds"] = round(elapsed, 1)
     out["bench_exit_code"] = proc.returncode
     print(f"[{mode}] done in {elapsed:.0f} s (bench exit {proc.returncode})", flush=True)
@@ -244,7 +258,7 @@ def summarize(mode: str, bench: dict[str, Any], probes: list[Probe],
     worker_p99 = sorted(_pcts(sorted(v))["p99"] or 0.0 for v in by_worker.values() if v)
     out: dict[str, Any] = {
         "mode": mode,
-        "server_slice_ms": float(MODES[mode]),
+        "server_slice_ms": float(MODES[mode][MODES[mode].index("--slice-ms") + 1]),
         "connections": bench.get("connections_established"),
         "probe_connections": len(probes),
         "probe_errors": [p.error for p in probes if p.error],
@@ -402,6 +416,8 @@ ROWS: list[tuple[str, Any]] = [
     ("loop stalls > 200 ms", lambda r: r.get("stalls_over_200ms")),
     ("run-queue slices / longest ms", lambda r: f"{r.get('runqueue_slices')} / "
                                                 f"{r.get('runqueue_longest_slice_ms')}"),
+    ("CPU gate tokens / grants", lambda r: f"{r['cpu_gate']['tokens']} / {r['cpu_gate']['grants']}"
+                                           if r.get("cpu_gate") else "no gate"),
     ("broadcast window s", lambda r: r["broadcast_window_s"]),
     ("last delivery s (bench)", lambda r: r["bench"]["broadcast_last_delivery_s"]),
     ("delivery latency ms p50/p99", lambda r: f"{r['bench']['broadcast_latency_ms_p50']} / "
@@ -429,25 +445,31 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
 
 
 def compare(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """How much the chunked mode wins (> 1) or loses (< 1) against inline, per figure."""
-    c, i = results.get("chunked"), results.get("inline")
-    if not c or not i:
-        return {}
+    """How much each mode wins (> 1) or loses (< 1) against the ones before it in MODES' order
+    reversed (gated vs chunked vs inline), per figure: the other's figure over this one's."""
 
-    def ratio(a: Any, b: Any) -> float | None:  # inline / chunked: > 1 = chunked is better
+    def ratio(a: Any, b: Any) -> float | None:
         return round(b / a, 2) if isinstance(a, int | float) and isinstance(b, int | float) \
             and a > 0 else None
 
-    return {
-        "heartbeat_p99_inline_over_chunked": ratio(c["heartbeat_rtt_ms"]["p99"],
-                                                   i["heartbeat_rtt_ms"]["p99"]),
-        "heartbeat_max_inline_over_chunked": ratio(c["heartbeat_rtt_ms"]["max"],
-                                                   i["heartbeat_rtt_ms"]["max"]),
-        "last_delivery_inline_over_chunked": ratio(c["bench"]["broadcast_last_delivery_s"],
-                                                   i["bench"]["broadcast_last_delivery_s"]),
-        "cpu_per_delivery_inline_over_chunked": ratio(c["bench"]["server_cpu_us_per_delivery"],
-                                                      i["bench"]["server_cpu_us_per_delivery"]),
+    figures = {
+        "heartbeat_p99": lambda r: r["heartbeat_rtt_ms"]["p99"],
+        "heartbeat_max": lambda r: r["heartbeat_rtt_ms"]["max"],
+        "worst_worker_heartbeat_p99": lambda r: r["heartbeat_rtt_ms_p99_by_worker"]["worst"],
+        "last_delivery": lambda r: r["bench"]["broadcast_last_delivery_s"],
+        "cpu_per_delivery": lambda r: r["bench"]["server_cpu_us_per_delivery"],
     }
+    out: dict[str, Any] = {}
+    for better, worse in (("gated", "chunked"), ("chunked", "inline"), ("gated", "inline")):
+        a, b = results.get(better), results.get(worse)
+        if not a or not b:
+            continue
+        for name, fn in figures.items():
+            try:
+                out[f"{name}_{worse}_over_{better}"] = ratio(fn(a), fn(b))
+            except (KeyError, TypeError):
+                out[f"{name}_{worse}_over_{better}"] = None
+    return out
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -485,8 +507,8 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"\nwritten: {args.json}")
     cmp_ = report["comparison"]
     if cmp_:
-        print("inline / chunked (> 1: chunked better): "
-              + ", ".join(f"{k.split('_inline')[0]} {v}" for k, v in cmp_.items()))
+        print("ratios (> 1: the mode after 'over' is better): "
+              + ", ".join(f"{k} {v}" for k, v in cmp_.items()))
     return 0
 
 

@@ -29,6 +29,9 @@ DRAIN = b"D"
 # worker -> supervisor: this worker got SIGTERM/SIGINT itself (body: the signal's name). It does
 # not drain on its own: the supervisor drains the node as on its own SIGTERM, DRAIN included.
 STOP_REQUEST = b"Q"
+# The node's CPU gate (engine/cpu_gate.py): worker -> supervisor "+" ask for a token, "-" give
+# it back; supervisor -> worker "+" granted.
+GATE = b"G"
 _JSON_KINDS = (READY, STATS)
 MAX_FDS_PER_MESSAGE = 64
 _MAX_MSG = 8 << 20  # relayed history replies can hold many publications

@@ -78,6 +78,10 @@ class EngineOptions:
     # the worker has more than fanout_chunk_subscribers subscribers of its channel.
     slice_ms: float = 5.0
     fanout_chunk_subscribers: int = 256
+    # How many workers of the node run long jobs at once (engine/cpu_gate.py): 0 = one per
+    # core, -1 = every worker. With more workers than cores (the file limit's doing), the others
+    # wait for a token and meanwhile answer heartbeats at once instead of queueing for a CPU.
+    long_job_workers: int = 0
     # Accepts a loop turn: uvloop's server accepts one connection per turn of the loop, so a
     # worker's accept rate is its turn rate (at 27 workers on 2 cores a turn is ~200 us of CPU).
     # N > 0: the worker accepts up to N per turn itself and hands each socket to the loop

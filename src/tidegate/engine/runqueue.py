@@ -17,6 +17,12 @@ a slice overruns ``slice_ms`` by at most that many steps.
 A job that raises is logged and dropped; the queue and the other jobs go on. ``cancel()``
 drops a job (a generator is closed, so its ``finally`` runs).
 
+**Long jobs and the node's CPU gate** (engine/cpu_gate.py): with a gate (``use_gate``), a job
+that has taken ``long_after_steps`` steps is *long* and moves to a second deque, run only while
+the worker holds one of the node's tokens; the queue asks for one when it has long jobs and
+gives it back when they are done (or after ``cpu_gate.HOLD_S``, asking again). Short jobs - and
+every job's first steps - run as before. Without a gate every job is short.
+
 ``slice_ms <= 0`` turns slicing off: a job runs to its end inside ``submit`` (the behaviour
 before the queue existed, kept for comparison: ``--slice-ms 0``).
 """
@@ -27,14 +33,20 @@ import asyncio
 import collections
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tidegate import log
+
+if TYPE_CHECKING:
+    from tidegate.engine.cpu_gate import GateClient
 
 __all__ = ["JobHandle", "RunQueue"]
 
 _log = log.get("runqueue")
 _clock = time.perf_counter
+# Steps a job takes before it is long and waits for the CPU gate: 8 fan-out steps are 128
+# writes (~2.5 ms of CPU); fan-outs under fanout_chunk_subscribers never come here at all.
+LONG_AFTER_STEPS = 8
 
 # JobHandle.state
 QUEUED = 0
@@ -46,12 +58,13 @@ CANCELLED = 3
 class JobHandle:
     """A submitted job: its state, ``cancel()``, and ``wait()`` for whoever needs its end."""
 
-    __slots__ = ("it", "name", "state", "_q", "_fut")
+    __slots__ = ("it", "name", "state", "steps", "_q", "_fut")
 
     def __init__(self, it: Iterator[Any], name: str, q: RunQueue) -> None:
         self.it = it
         self.name = name
         self.state = QUEUED
+        self.steps = 0
         self._q = q
         self._fut: asyncio.Future[None] | None = None  # made only when someone waits
 
@@ -92,9 +105,9 @@ class RunQueue:
     """One per worker (``worker.runqueue``); see the module doc."""
 
     __slots__ = (
-        "slice_s", "check_every", "_loop", "_jobs", "_current", "_scheduled",
-        "submitted", "jobs_done", "jobs_failed", "jobs_cancelled", "slices", "steps",
-        "longest_slice_s", "depth_max",
+        "slice_s", "check_every", "_loop", "_jobs", "_long", "_current", "_scheduled",
+        "gate", "long_after_steps", "submitted", "jobs_done", "jobs_failed", "jobs_cancelled",
+        "slices", "steps", "longest_slice_s", "depth_max", "long_jobs",
     )
 
     def __init__(
@@ -107,6 +120,10 @@ class RunQueue:
         self.check_every = max(1, check_every)
         self._loop = loop  # None: the running loop, looked up when a slice is scheduled
         self._jobs: collections.deque[JobHandle] = collections.deque()
+        self._long: collections.deque[JobHandle] = collections.deque()  # wait for the gate
+        self.gate: GateClient | None = None
+        self.long_after_steps = LONG_AFTER_STEPS
+        self.long_jobs = 0  # jobs that became long
         self._current: JobHandle | None = None
         self._scheduled = False
         self.submitted = 0
@@ -126,7 +143,24 @@ class RunQueue:
     @property
     def depth(self) -> int:
         """Jobs not ended yet (the one running included)."""
-        return len(self._jobs) + (self._current is not None)
+        return len(self._jobs) + len(self._long) + (self._current is not None)
+
+    def use_gate(self, gate: GateClient | None) -> None:
+        """Run long jobs only while holding one of ``gate``'s tokens (None: no gate; jobs that
+        were waiting run as short ones, a token held or asked for goes back)."""
+        old = self.gate
+        if old is not None:
+            old.on_grant = old.give_back
+            old.give_back()
+        self.gate = gate
+        if gate is not None:
+            gate.on_grant = self._granted
+            if self._long:
+                gate.ask()
+        elif self._long:
+            self._jobs.extend(self._long)
+            self._long.clear()
+            self._schedule()
 
     def submit(self, job: Iterator[Any], name: str = "job") -> JobHandle:
         """Queue ``job`` (run inline at once when slicing is off)."""
@@ -143,7 +177,7 @@ class RunQueue:
 
     def cancel_all(self) -> int:
         """Drop every queued job; returns how many."""
-        handles = list(self._jobs)
+        handles = [*self._jobs, *self._long]
         for h in handles:
             h.cancel()
         return len(handles)
@@ -160,6 +194,9 @@ class RunQueue:
             "slices": self.slices,
             "steps": self.steps,
             "longest_slice_ms": round(self.longest_slice_s * 1000.0, 3),
+            "long_jobs": self.long_jobs,
+            "long_waiting": len(self._long),
+            **({"gate": self.gate.stats()} if self.gate is not None else {}),
         }
 
     # ---- running ----------------------------------------------------------------------
@@ -175,6 +212,7 @@ class RunQueue:
         every = self.check_every
         start = _clock()
         deadline = start + self.slice_s
+        gate = self.gate
         try:
             while jobs:
                 h = jobs.popleft()
@@ -183,17 +221,48 @@ class RunQueue:
                 self._current = None
                 if _clock() >= deadline:
                     break
+            long = self._long
+            if gate is not None and gate.held:
+                while long and _clock() < deadline:
+                    h = long.popleft()
+                    self._current = h
+                    self._turn(h, every)
+                    self._current = None
         finally:
             self._current = None
             took = _clock() - start
             self.slices += 1
             if took > self.longest_slice_s:
                 self.longest_slice_s = took
-            if jobs:
+            if gate is not None:
+                self._gate_turn(gate)
+            if jobs or (self._long and gate is not None and gate.held):
                 self._schedule()  # after the I/O and timers that are due now
 
+    def _gate_turn(self, gate: GateClient) -> None:
+        """After a slice: ask for a token for the long jobs, give it back when they are done
+        or it was held ``HOLD_S`` (and ask again, at the back of the line)."""
+        if not self._long:
+            gate.give_back()
+        elif not gate.held:
+            gate.ask()
+        elif gate.held_too_long(time.monotonic()):
+            gate.gave_back_early += 1
+            gate.give_back()
+            gate.ask()
+
+    def _granted(self) -> None:
+        gate = self.gate
+        if gate is None:
+            return
+        if self._long:
+            self._schedule()
+        else:  # the long jobs ended (cancelled) while we waited
+            gate.give_back()
+
     def _turn(self, h: JobHandle, steps: int) -> None:
-        """Run up to ``steps`` steps of ``h``; put it back at the end if it goes on."""
+        """Run up to ``steps`` steps of ``h``; put it back at the end if it goes on (of the
+        long jobs' deque once it has taken ``long_after_steps``, when there is a gate)."""
         it = h.it
         n = 0
         try:
@@ -210,8 +279,13 @@ class RunQueue:
             return
         finally:
             self.steps += n
+            h.steps += n
         if h.state == CANCELLED:
             self._close(h)
+        elif self.gate is not None and h.steps >= self.long_after_steps:
+            if h.steps - n < self.long_after_steps:
+                self.long_jobs += 1
+            self._long.append(h)
         else:
             self._jobs.append(h)
 
@@ -254,10 +328,12 @@ class RunQueue:
         self.jobs_cancelled += 1
         if h is self._current:
             return  # running now (it cancelled itself): closed when its step returns
-        try:
-            self._jobs.remove(h)
-        except ValueError:
-            pass
+        for dq in (self._jobs, self._long):
+            try:
+                dq.remove(h)
+                break
+            except ValueError:
+                pass
         self._close(h)
 
     def _close(self, h: JobHandle) -> None:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidegate import log
-from tidegate.engine import control, stealing
+from tidegate.engine import control, cpu_gate, stealing
+from tidegate.engine.cpu_gate import GateArbiter, gate_tokens
 from tidegate.engine.handler import EventHandler
 from tidegate.engine.limits import (
     REUSEPORT_HEADROOM,
@@ -100,11 +101,14 @@ class Supervisor:
         # which pid of each slot has been told: see _announce_members.
         self._members: tuple[int, ...] | None = None
         self._members_told: dict[int, int] = {}
+        self._gate: GateArbiter | None = None  # the CPU gate's tokens (engine/cpu_gate.py)
 
     # ---- lifecycle ---------------------------------------------------------------------
     def run(self) -> int:
         limits = raise_nofile()
         n = plan_workers(self.opts)
+        if self.opts.slice_ms > 0 and (tokens := gate_tokens(self.opts.long_job_workers, n)):
+            self._gate = GateArbiter(tokens)
         handoff = self.opts.balance == "handoff"
         # reuseport: a bound, non-listening socket reserves each port (and resolves port 0);
         # handoff: the listening sockets themselves, accepted here.
@@ -304,6 +308,11 @@ class Supervisor:
                 _log.info("worker ready", extra={"worker": slot.index, "worker_pid": slot.pid})
             elif kind == control.STATS and body is not None:
                 slot.stats = body
+            elif kind == control.GATE:
+                if self._gate is not None:
+                    self._grant(self._gate.on_message(slot.index, bytes(body)))
+                elif bytes(body) == cpu_gate.ASK:  # no gate here: never keep a worker waiting
+                    self._send(slot, control.GATE + cpu_gate.GRANT)
             elif kind == control.STEAL_OFF:
                 self._stealing.stopped(slot)
             elif kind == control.STOP_REQUEST:  # the worker was signalled: the node drains
@@ -342,6 +351,12 @@ class Supervisor:
             slot.ctrl.close()
             slot.ctrl = None
         slot.outbox.clear()
+        if self._gate is not None:  # a token it held goes to the next in line
+            self._grant(self._gate.forget(slot.index))
+
+    def _grant(self, workers: list[int]) -> None:
+        for i in workers:
+            self._send(self.slots[i], control.GATE + cpu_gate.GRANT)
 
     def _accept_batch(self, listener: int) -> None:
         listen = self._listens[listener]
@@ -493,6 +508,7 @@ class Supervisor:
             "restarts": self.restarts,
             "refused_handoff": self.refused_handoff,
             "stealing": self._stealing.stats(),
+            "cpu_gate": self._gate.stats() if self._gate is not None else None,
         }
 
     def _status_head_now(self) -> tuple[Any, ...]:

@@ -18,6 +18,7 @@ from tidegate import log
 from tidegate.engine import control, gc_control, stealing, tls
 from tidegate.engine.blocking import BlockingPool
 from tidegate.engine.conn import CLOSING, EVICTING, MIGRATING, PING_OUT, READY, Conn
+from tidegate.engine.cpu_gate import GateClient, gate_tokens
 from tidegate.engine.eviction import EvictionController
 from tidegate.engine.handler import EventHandler
 from tidegate.engine.limits import raise_nofile
@@ -589,6 +590,11 @@ class Worker:
         if self.ctrl is not None:
             self.ctrl.setblocking(False)
             self.loop.add_reader(self.ctrl.fileno(), self._on_ctrl)
+            if self.runqueue.enabled and gate_tokens(self.opts.long_job_workers,
+                                                     self.workers_total):
+                gate = GateClient(lambda body: self.send_control(control.GATE, body))
+                self.on_control(control.GATE, gate.on_message)
+                self.runqueue.use_gate(gate)
         self.tasks.install(self.loop)
         self._leak_dump_off = leaks.install_sigusr1(self.loop, self.leak_report)
         if self.opts.stall_threshold_ms > 0:
@@ -637,6 +643,9 @@ class Worker:
         if not self.stopping:
             self.stopping = True
             self._stopped.set()
+            # The drain is spread over drain_s already; the others drain too and would wait
+            # for each other's tokens.
+            self.runqueue.use_gate(None)
 
     def on_stop_signal(self, signum: int) -> None:
         """SIGTERM or SIGINT sent to this worker itself (systemd's KillMode=control-group

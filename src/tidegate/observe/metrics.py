@@ -128,6 +128,8 @@ class TidegateCollector:
             rejected.add_metric([idx], b.get("rejections", 0))
         yield from (busy, rejected)
 
+        yield from _cpu_gate_metrics(w, sup)
+
         restarts = CounterMetricFamily("tidegate_worker_restarts", "Workers restarted.")
         restarts.add_metric([], sup.get("restarts", 0))
         yield restarts
@@ -135,6 +137,32 @@ class TidegateCollector:
         ready.add_metric([], 1 if sup.get("ready") else 0)
         yield ready
         yield from _app_metrics(w)
+
+
+def _cpu_gate_metrics(w: list[tuple[str, dict[str, Any]]], sup: dict[str, Any]
+                      ) -> Iterator[Metric]:
+    """The CPU gate (engine/cpu_gate.py): tokens each worker got, how long it waited for
+    them, and the line at the supervisor. Nothing when the node has no gate."""
+    node = sup.get("cpu_gate")
+    if not node:
+        return
+    grants = CounterMetricFamily("tidegate_cpu_gate_grants",
+                                 "CPU-gate tokens granted for long run-queue jobs.",
+                                 labels=["worker"])
+    wait = CounterMetricFamily("tidegate_cpu_gate_wait_seconds",
+                               "Time long run-queue jobs waited for a CPU-gate token.",
+                               labels=["worker"])
+    for idx, s in w:
+        g = (s.get("runqueue") or {}).get("gate") or {}
+        grants.add_metric([idx], g.get("grants", 0))
+        wait.add_metric([idx], g.get("wait_s_total", 0.0))
+    waiting = GaugeMetricFamily("tidegate_cpu_gate_waiting",
+                                "Workers waiting for a CPU-gate token.")
+    waiting.add_metric([], node.get("waiting", 0))
+    tokens = GaugeMetricFamily("tidegate_cpu_gate_tokens",
+                               "Workers that may run long run-queue jobs at once.")
+    tokens.add_metric([], node.get("tokens", 0))
+    yield from (grants, wait, waiting, tokens)
 
 
 def _eviction_metrics(w: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
