@@ -1,16 +1,19 @@
-"""Heartbeats on one worker during a big broadcast: chunked fan-out (run queue) vs inline.
+"""Heartbeats on one worker during a big broadcast: gated, chunked and inline fan-out.
 
     python bench/fanout_slicing.py [--connections 18000] [--rate 2] [--count 8]
                                    [--probes 20] [--json PATH]
                                    [--server-workers N] [--hold S] [--bench-arg=ARG ...]
 
-The same workload twice in one run, one mode after the other: a one-worker gateway
-(``tidegate bench --protocol ws --server-workers 1``) holding ``--connections`` WebSocket
-subscribers of one channel (as many as one worker holds by default: ~18,000 under a
-20,000-fd limit), ``--count`` publications at ``--rate`` per second through the HTTP API.
+The same workload once per mode (``--modes``; all three by default), one after the other: a
+one-worker gateway (``tidegate bench --protocol ws --server-workers 1``) holding
+``--connections`` WebSocket subscribers of one channel (as many as one worker holds by
+default: ~18,000 under a 20,000-fd limit), ``--count`` publications at ``--rate`` per second
+through the HTTP API.
 
-- **chunked**: the default, ``--slice-ms 5``: a publication to more than 256 local subscribers
-  is written by a run-queue job, 16 writes a step, and the loop turns every 5 ms;
+- **gated**: the default engine: the run queue's slices (below) and the node's CPU gate, at
+  most one worker per core running long jobs (engine/cpu_gate.py; no gate with one worker);
+- **chunked**: ``--slice-ms 5 --long-job-workers -1``: a publication to more than 256 local
+  subscribers is written by a run-queue job, 16 writes a step, and the loop turns every 5 ms;
 - **inline**: ``--slice-ms 0``: the whole fan-out of a publication in one callback (the
   behaviour before the run queue).
 
