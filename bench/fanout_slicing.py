@@ -169,6 +169,15 @@ async def watch_status(path: Path, timeline: list[tuple[float, dict[str, Any]]],
         await asyncio.sleep(0.25)
 
 
+async def watch_own_loop(lags: list[tuple[float, float]], stop: asyncio.Event) -> None:
+    """This process's own loop lag (how late a 10 ms sleep wakes), as (time, lag s): the
+    probes' RTT includes it, so a probe tail that is this process's shows here."""
+    while not stop.is_set():
+        t0 = time.monotonic()
+        await asyncio.sleep(0.01)
+        lags.append((time.time(), max(0.0, time.monotonic() - t0 - 0.01)))
+
+
 # ---------------------------------------------------------------------- one mode
 
 
@@ -201,6 +210,7 @@ async def run_mode(mode: str, args: argparse.Namespace, token: str, workdir: Pat
     sched: list[tuple[float, tuple[int, int]]] = []
     probes: list[Probe] = []
     gate: dict[str, Any] = {}
+    own_lag: list[tuple[float, float]] = []
     tasks: list[asyncio.Task[None]] = []
     output = asyncio.create_task(proc.stdout.read() if proc.stdout else asyncio.sleep(0))
     # the server's port, once it is up
@@ -214,6 +224,7 @@ async def run_mode(mode: str, args: argparse.Namespace, token: str, workdir: Pat
                   for _ in range(args.probes)]
         tasks = [asyncio.create_task(p.run(stop)) for p in probes]
         tasks.append(asyncio.create_task(watch_status(status_path, timeline, sched, stop, gate)))
+        tasks.append(asyncio.create_task(watch_own_loop(own_lag, stop)))
     try:
         await proc.wait()
     finally:
@@ -230,7 +241,7 @@ async def run_mode(mode: str, args: argparse.Namespace, token: str, workdir: Pat
         raise SystemExit(f"[{mode}] no bench report; its output ends with:\n{tail}") from None
     # the bench stops waiting (and closes every connection) this long after the first publish
     cutoff_s = (args.count - 1) / args.rate + args.timeout
-    out = summarize(mode, bench, probes, timeline, sched, cutoff_s)
+    out = summarize(mode, bench, probes, timeline, sched, cutoff_s, own_lag)
     out["server_args"] = MODES[mode]
     out["cpu_gate"] = gate or None
     out["run_seconds"] = round(elapsed, 1)
@@ -241,7 +252,8 @@ async def run_mode(mode: str, args: argparse.Namespace, token: str, workdir: Pat
 
 def summarize(mode: str, bench: dict[str, Any], probes: list[Probe],
               timeline: list[tuple[float, dict[str, Any]]],
-              sched: list[tuple[float, tuple[int, int]]], cutoff_s: float) -> dict[str, Any]:
+              sched: list[tuple[float, tuple[int, int]]], cutoff_s: float,
+              own_lag: list[tuple[float, float]] | None = None) -> dict[str, Any]:
     """The window is the broadcast: from the first publication to the last one a probe got,
     cut at ``cutoff_s`` after the first publication, when the bench gives up waiting and
     closes its connections (at 500k a worker's 18,500 connection_lost callbacks stall its
@@ -277,6 +289,9 @@ def summarize(mode: str, bench: dict[str, Any], probes: list[Probe],
             "best": worker_p99[0] if worker_p99 else None,
             "workers_over_50ms": sum(1 for v in worker_p99 if v > 50)},
         "heartbeat_rtt_ms_histogram": _buckets(rtts),
+        # this (the probes') process's own loop lag over the window: a share of every RTT
+        "probe_process_loop_lag_ms": _pcts(sorted(
+            lag for t, lag in (own_lag or []) if start and end and start <= t <= end)),
     }
     out.update(loop_figures(timeline, start, end, bench.get("connections_established") or 0))
     out.update(cpu_figures(sched, start, end))
@@ -407,6 +422,8 @@ ROWS: list[tuple[str, Any]] = [
     ("heartbeat RTT ms max (probes)", lambda r: r["heartbeat_rtt_ms"]["max"]),
     ("heartbeat samples in window", lambda r: r["heartbeat_samples"]),
     ("workers probed", lambda r: r["probed_workers"]),
+    ("probes' own loop lag ms p99 / max", lambda r: f"{r['probe_process_loop_lag_ms']['p99']} / "
+                                                     f"{r['probe_process_loop_lag_ms']['max']}"),
     ("worker p99 ms worst / median", lambda r: f"{r['heartbeat_rtt_ms_p99_by_worker']['worst']} / "
                                                f"{r['heartbeat_rtt_ms_p99_by_worker']['median']}"),
     ("workers with p99 > 50 ms", lambda r: r["heartbeat_rtt_ms_p99_by_worker"]["workers_over_50ms"]),

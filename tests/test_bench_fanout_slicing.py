@@ -54,10 +54,13 @@ def test_a_broadcast_that_ends_before_the_cutoff_keeps_its_own_window() -> None:
     mod = _script()
     t0 = 50.0
     a = _probe(mod, "aaaa", [(t0 + 1, 0.004), (t0 + 3, 0.008), (t0 + 9, 0.5)], t0, t0 + 4)
-    out = mod.summarize("inline", {}, [a], [], [], cutoff_s=80.0)
+    # the probes' own loop lag, inside the window only: the part of every RTT that is theirs
+    own_lag = [(t0 - 1, 0.9), (t0 + 1, 0.002), (t0 + 2, 0.030), (t0 + 6, 0.7)]
+    out = mod.summarize("inline", {}, [a], [], [], cutoff_s=80.0, own_lag=own_lag)
     assert out["window_cut_at_bench_close"] is False
     assert out["broadcast_window_s"] == 4.0
     assert out["heartbeat_samples"] == 2 and out["heartbeat_rtt_ms"]["max"] == 8.0
+    assert out["probe_process_loop_lag_ms"]["max"] == 30.0
 
 
 def test_the_plot_draws_one_line_per_mode_on_a_log_scale(tmp_path: Path) -> None:
