@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -493,6 +494,9 @@ def compare(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 async def amain(args: argparse.Namespace) -> int:
+    # The probes' samples, the status timeline and the lag log grow to ~10^5 objects in a run:
+    # a full collection of them would pause the probes (their RTT is this loop's too).
+    gc.disable()
     cfg = load_config(default_server_config(), os.environ)
     token = encode_hs256({"sub": "probe", "exp": int(time.time()) + 3600}, cfg.token_hmac_secret)
     workdir = Path(tempfile.mkdtemp(prefix="fanout-slicing-"))
