@@ -601,6 +601,7 @@ API_KEY = "dev-only-api-key-change-me"
 STEAL = ["--workers", "2", "--tick-s", "0.1", "--steal-tick-s", "0.2",
          "--steal-min-idle-ms", "2500", "--ping-interval-s", "600"]
 N_EACH = 16  # WebSocket and raw TCP clients each, before half of them are closed
+PUBLISH_GAP_S = 0.002  # between one publisher's publications (_Publisher)
 
 
 def _token(user: str) -> str:
@@ -946,6 +947,10 @@ class _Publisher(threading.Thread):
                 resp = json.loads(self.conn.getresponse().read())
                 assert "error" not in resp, resp
                 self.sent += 1
+                # A breath between publications (still ~hundreds in a 300 ms adopt window):
+                # back to back, a test process slow to read kept every client's output queued
+                # in the server, and a connection with queued output is never stolen.
+                time.sleep(PUBLISH_GAP_S)
         except BaseException as exc:
             self.error = exc
         finally:
